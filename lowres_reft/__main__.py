@@ -1,0 +1,5 @@
+import sys
+
+from lowres_reft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""`lowres-reft run|export`: parse arguments, load the recipe, call one function.
+
+User errors (`UserError`) print one line to stderr and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from lowres_reft.errors import UserError
+
+DEFAULT_RECIPE = "recipes/tiny-cpu.toml"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowres-reft", description="Nested-ReFT: RL fine-tuning with layer-skipped off-policy rollouts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train a recipe")
+    run.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"TOML recipe (default {DEFAULT_RECIPE})")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a recipe key, e.g. --set train.steps=20 (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue from the run's last good checkpoint")
+
+    export = sub.add_parser("export", help="export a checkpoint's adapter and/or a merged 16-bit model")
+    export.add_argument("checkpoint", help="e.g. runs/<run>/checkpoint-last")
+    export.add_argument("--adapter", dest="adapter_out", help="write the adapter directory here")
+    export.add_argument("--merged", dest="merged_out", help="write the merged 16-bit model here")
+    export.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="merged dtype (default: the recipe's [export] merged_dtype)")
+
+    check = sub.add_parser("check", help="validate a recipe and print it resolved")
+    check.add_argument("recipe")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lowres_reft.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from lowres_reft.trainer import train
+
+    try:
+        train(recipe, resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lowres_reft.export import export_checkpoint
+
+    if not args.adapter_out and not args.merged_out:
+        raise UserError("export: nothing to do; give --merged DIR and/or --adapter DIR")
+    for path in export_checkpoint(args.checkpoint, args.adapter_out, args.merged_out, args.dtype):
+        print(f"wrote {path}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from lowres_reft.config import load_recipe, recipe_to_toml
+
+    print(recipe_to_toml(load_recipe(args.recipe, args.overrides)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    handlers = {"run": _run, "export": _export, "check": _check}
+    try:
+        return handlers[args.command](args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

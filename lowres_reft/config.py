@@ -1,0 +1,450 @@
+"""Recipes: TOML files -> frozen, typed dataclasses, validated with one-line messages.
+
+Every default lives here and only here. A recipe names sections (`[model]`, `[lora]`, ...) whose keys are
+the fields of the matching dataclass; unknown sections/keys, wrong types and out-of-range values raise
+`ConfigError` naming the file and the key (with a "did you mean" for typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lowres_reft.errors import ConfigError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "Solve the math problem. Reason step by step, then give the final answer as \\boxed{ANSWER}."
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Hub name, local directory, or "builtin:tiny" (a tiny Qwen2 model built locally, no download).
+    name: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    revision: str | None = None
+    # Compute/storage dtype of the non-quantized parts and of the 4-bit matmuls.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "bfloat16"
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    trust_remote_code: bool = False
+    # "auto": CUDA when available, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Attention kernel handed to transformers ("sdpa" everywhere, "eager" for debugging).
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # Sizes of the builtin tiny model (only used with name = "builtin:tiny").
+    tiny_layers: int = 6
+    tiny_hidden: int = 128
+
+    def validate(self) -> None:
+        _require(self.tiny_layers >= 2, "tiny_layers", "must be >= 2")
+        _require(self.tiny_hidden >= 32 and self.tiny_hidden % 32 == 0, "tiny_hidden", "must be a multiple of 32")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Default: every linear projection of the decoder (attention and MLP), as QLoRA does.
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def validate(self) -> None:
+        _require(self.r >= 1, "r", "must be >= 1")
+        _require(self.alpha > 0, "alpha", "must be > 0")
+        _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "builtin:arithmetic" (generated locally), "gsm8k", "svamp", "math12k", "math500", "jsonl", "parquet", "csv".
+    name: str = "gsm8k"
+    # Local file or directory; when set it is loaded instead of the hub dataset.
+    path: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    question_field: str | None = None
+    answer_field: str | None = None
+    solution_field: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 200
+    shuffle_seed: int = 0
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Use the tokenizer's chat template when it has one; a plain "Question/Answer" template otherwise.
+    use_chat_template: bool = True
+    max_prompt_tokens: int = 512
+    # Size of the builtin arithmetic data set (train, test).
+    builtin_train_size: int = 2000
+    builtin_test_size: int = 200
+
+    def validate(self) -> None:
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, key, "must be >= 1 (or omitted for all)")
+        _require(self.max_prompt_tokens >= 8, "max_prompt_tokens", "must be >= 8")
+        _require(self.builtin_train_size >= 1, "builtin_train_size", "must be >= 1")
+        _require(self.builtin_test_size >= 1, "builtin_test_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class BehaviorConfig:
+    # Fraction r of the decoder layers skipped by the behavior policy; round(r * L) layers per rollout batch.
+    skip_ratio: float = 0.25
+    # "random": a new uniform subset of the valid layers per rollout batch (the paper); "fixed": `layers`.
+    schedule: Literal["random", "fixed"] = "random"
+    layers: tuple[int, ...] = ()
+    protect_first: int = 1
+    protect_last: int = 1
+
+    def validate(self) -> None:
+        _require(0.0 <= self.skip_ratio < 1.0, "skip_ratio", "must be in [0, 1)")
+        _require(self.protect_first >= 0, "protect_first", "must be >= 0")
+        _require(self.protect_last >= 0, "protect_last", "must be >= 0")
+        _require(self.schedule != "fixed" or len(self.layers) > 0, "layers", 'must list layer indices when schedule = "fixed"')
+        _require(len(set(self.layers)) == len(self.layers), "layers", "must not repeat a layer")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    prompts_per_step: int = 4
+    group_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Sequences generated at once (0 = the whole step's prompts_per_step * group_size).
+    micro_batch: int = 0
+
+    def validate(self) -> None:
+        _require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        _require(self.group_size >= 2, "group_size", "must be >= 2 (group advantages need at least two completions)")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _require(self.temperature > 0.0, "temperature", "must be > 0 (training samples; greedy is for eval)")
+        _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        _require(self.micro_batch >= 0, "micro_batch", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    correction: Literal["none", "tis", "seq_is", "retrace"] = "retrace"
+    # Cap on importance ratios (tis, seq_is, retrace); inf = uncapped.
+    is_cap: float = 2.0
+    retrace_lambda: float = 1.0
+    # "std": A = (R - mean) / (std + eps) (GRPO); "none": A = R - mean (Dr. GRPO).
+    advantage_scale: Literal["std", "none"] = "std"
+    advantage_eps: float = 1e-4
+    aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    kl_beta: float = 0.0
+    # PPO clipping against the first update's log-probs (only matters with updates_per_batch > 1).
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.2
+    updates_per_batch: int = 1
+    # Tokens per chunk when computing log-probs, so (tokens x vocab) float32 logits never exist at once.
+    logprob_chunk: int = 1024
+
+    def validate(self) -> None:
+        _require(self.is_cap > 0.0, "is_cap", "must be > 0 (use inf for no cap)")
+        _require(0.0 <= self.retrace_lambda <= 1.0, "retrace_lambda", "must be in [0, 1]")
+        _require(self.advantage_eps >= 0.0, "advantage_eps", "must be >= 0")
+        _require(self.kl_beta >= 0.0, "kl_beta", "must be >= 0")
+        _require(0.0 <= self.clip_eps < 1.0, "clip_eps", "must be in [0, 1)")
+        _require(self.clip_eps_high >= 0.0, "clip_eps_high", "must be >= 0")
+        _require(self.updates_per_batch >= 1, "updates_per_batch", "must be >= 1")
+        _require(self.logprob_chunk >= 1, "logprob_chunk", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-5
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    # "adamw": torch AdamW; "paged_adamw_8bit": bitsandbytes PagedAdamW8bit (CUDA only, falls back to adamw).
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
+    weight_decay: float = 0.0
+    # Sequences per forward/backward pass.
+    micro_batch_size: int = 8
+    # Rollout batches (each with its own skip set) accumulated into one optimizer step.
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    gradient_checkpointing: bool = True
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, "steps", "must be >= 1")
+        _require(self.lr > 0.0, "lr", "must be > 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.weight_decay >= 0.0, "weight_decay", "must be >= 0")
+        _require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        _require(self.max_grad_norm > 0.0, "max_grad_norm", "must be > 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # Evaluate every N steps (0 = only before and after training).
+    every: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 32
+    before_training: bool = True
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "every", "must be >= 0")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # Save every N steps (0 = only at the end); always saved at the end and on Ctrl-C.
+    every: int = 50
+    # "latest": continue from the run's last checkpoint when one exists (same as --resume).
+    resume: Literal["never", "latest"] = "never"
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "every", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    # Outputs go to <output_dir>/<run_name>/.
+    output_dir: str = "runs"
+    run_name: str = ""
+    # "auto": a progress bar on a terminal, plain lines otherwise.
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"
+
+    def validate(self) -> None:
+        _require("/" not in self.run_name and self.run_name not in (".", ".."), "run_name", "must be a plain name, not a path")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    # dtype of the merged model written by `lowres-reft export --merged`.
+    merged_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # Names from the reward registry (lowres_reft.rewards), summed.
+    functions: tuple[str, ...] = ("math_correct",)
+    # Weight of the optional format reward ("format" in functions).
+    format_weight: float = 0.1
+
+    def validate(self) -> None:
+        _require(len(self.functions) > 0, "functions", "must name at least one reward function")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # Where the recipe came from (not a TOML key).
+    source: str = field(default="<defaults>", compare=False)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The recipe as TOML-ready nested dicts (None values dropped, tuples as lists, inf kept)."""
+        out: dict[str, dict[str, Any]] = {}
+        for section in _sections():
+            values = dataclasses.asdict(getattr(self, section))
+            out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
+        return out
+
+    @property
+    def run_name(self) -> str:
+        return self.log.run_name or Path(self.source).stem
+
+
+class _KeyError(Exception):
+    """Raised inside a section's validate(); re-raised with the file and section as ConfigError."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(key, problem)
+        self.key, self.problem = key, problem
+
+
+def _require(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise _KeyError(key, problem)
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else f" (known: {', '.join(sorted(choices))})"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return `value` converted to `tp`, or raise TypeError. TOML already gives typed values."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        assert len(args) == 1, tp
+        return _coerce(value, args[0])
+    if origin is Literal:
+        if value in typing.get_args(tp) and isinstance(value, str):
+            return value
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return tuple(_coerce(v, typing.get_args(tp)[0]) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.lower() in ("inf", "+inf"):
+            return math.inf
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise AssertionError(f"unsupported config type {tp}")
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key [{section}] {key}{_did_you_mean(key, names)}")
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except TypeError:
+            raise ConfigError(
+                f"{source}: [{section}] {key} must be {_type_name(hints[key])}, got {value!r}"
+            ) from None
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except _KeyError as err:
+            raise ConfigError(f"{source}: [{section}] {err.key} {err.problem}") from None
+    return obj
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value). The value is read as TOML, else as a bare string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.steps=20")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key.strip(), value
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+    sections = _sections()
+    hints = typing.get_type_hints(Recipe)
+    built: dict[str, Any] = {}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section [{section}]{_did_you_mean(section, sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys, got {values!r}")
+        built[section] = _build_section(hints[section], values, section, source)
+    recipe = Recipe(**built, source=source)
+    _validate_recipe(recipe)
+    return recipe
+
+
+def _validate_recipe(recipe: Recipe) -> None:
+    src = recipe.source
+    if recipe.behavior.schedule == "fixed" and recipe.behavior.skip_ratio > 0:
+        # With an explicit layer list the ratio is implied; refuse silently conflicting settings.
+        raise ConfigError(f'{src}: [behavior] skip_ratio must be 0 (or omitted) when schedule = "fixed"; the layers list sets what is skipped')
+    if recipe.model.name == "builtin:tiny":
+        layers = recipe.model.tiny_layers
+        if recipe.behavior.protect_first + recipe.behavior.protect_last >= layers:
+            raise ConfigError(
+                f"{src}: [behavior] protect_first + protect_last must be < the model's {layers} layers"
+            )
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a TOML recipe, apply `section.key=value` overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found (try recipes/tiny-cpu.toml)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: TOML syntax error: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{path}: [{section}] must be a table of keys")
+        data[section][key] = value
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """Serialize a recipe back to TOML (used to store it in checkpoints)."""
+    lines: list[str] = []
+    for section, values in recipe.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise AssertionError(f"cannot write {value!r} as TOML")

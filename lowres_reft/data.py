@@ -1,0 +1,622 @@
+"""Math problem data sets -> `Problem` lists, and prompt formatting.
+
+`load_problems(cfg, split)` reads the data set named by `[data] name`:
+
+- ``builtin:arithmetic``: short procedurally generated word problems (no download), for the tiny
+  character-level model. Train = ``builtin_arithmetic(builtin_train_size, seed=shuffle_seed)``; eval = a
+  held-out set of ``builtin_test_size`` problems generated with a fixed seed. The two splits are disjoint by
+  construction: every question text is assigned to one split by a stable hash of the text, so no question can
+  ever appear in both, whatever the sizes and seeds. ``train_split`` / ``eval_split`` are ignored and the
+  builtin problems are not re-shuffled (they are already random), only truncated to ``max_*_samples``.
+- ``gsm8k`` (hub ``openai/gsm8k``, config ``main``): the gold answer is the text after ``####`` (commas
+  removed); the solution is the worked answer without the ``<<...>>`` calculator annotations, its final
+  ``#### N`` line rewritten as ``The answer is N.``.
+- ``svamp`` (hub ``ChilleD/SVAMP``): question = ``Body`` + " " + ``Question`` (a period is added to a Body that
+  lacks one); answer = ``Answer`` as a number string (8.0 -> "8"); solution from ``Equation`` when present,
+  numbers tidied: ``"( 3.0 + 5.0 )"`` -> ``"(3 + 5) = 8. The answer is 8."``; None without an equation.
+- ``math12k`` (hub ``hiyouga/math12k``): ``problem``, ``answer`` (LaTeX), ``solution`` when the rows have one.
+- ``math500`` (hub ``HuggingFaceH4/MATH-500``): ``problem``, ``answer``, ``solution``. It only has a ``test``
+  split: it is an evaluation set (use it with ``eval_split = "test"``, train on something else).
+- ``jsonl`` / ``parquet`` / ``csv``: local files, ``[data] path`` required (a file, or a directory holding
+  ``{split}.jsonl`` etc.). Fields: ``question_field`` / ``answer_field`` (default "question" / "answer") and
+  ``solution_field`` (default none: ``Problem.solution`` is None).
+
+For the hub data sets, ``[data] path`` loads a local copy in the same schema instead of the hub: a
+.jsonl/.json/.parquet/.csv file, a directory written by ``save_to_disk``, or a directory of data files in the
+hub layout (``train.jsonl``, ``data/train-00000-of-00001.parquet``, ``main/test-*.parquet``, ...). The
+``*_field`` keys override the built-in field names. A single local file serves every split (use a directory
+with one file per split to keep train and eval apart).
+
+The chosen split (``train_split`` for "train", ``eval_split`` for "eval") is shuffled with ``shuffle_seed``
+and truncated to ``max_train_samples`` / ``max_eval_samples``. Rows with an empty question or answer are
+skipped (with a logged warning).
+
+Everything the user can get wrong (unknown name, missing path, missing field, unknown split, hub not reachable
+or data set not cached) raises `UsageError` with a one-line message saying which recipe key to change.
+
+Prompts: `format_prompt` uses the tokenizer's chat template (system message ``[data] system_prompt`` + the
+question, generation prompt added) when ``use_chat_template`` is on and the tokenizer has one; otherwise the
+plain template ``"Question: {question}\\nAnswer:"`` with no system prompt (meant for tiny models trained from
+scratch). `format_solution` gives the matching completion text for supervised warm-up.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import random
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from lowres_reft.config import DataConfig
+from lowres_reft.errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+
+log = logging.getLogger(__name__)
+
+BUILTIN_ARITHMETIC = "builtin:arithmetic"
+# Seed of the builtin held-out (eval) set: fixed, so every run evaluates on the same problems.
+BUILTIN_EVAL_SEED = 1234
+# One question in _EVAL_POOL_MOD goes to the held-out pool (chosen by a stable hash of its text).
+_EVAL_POOL_MOD = 8
+
+PLAIN_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    # Gold final answer as a string ("18", "\\frac{1}{2}").
+    answer: str
+    # Worked solution ending with the answer (supervised warm-up); None if the data set has none.
+    solution: str | None
+
+
+# --------------------------------------------------------------------------------------------------
+# Builtin arithmetic word problems
+# --------------------------------------------------------------------------------------------------
+
+_NAMES = (("Tom", "he"), ("Ann", "she"), ("Sam", "he"), ("Mia", "she"), ("Ben", "he"), ("Lily", "she"))
+_OBJECTS = ("apple", "pen", "book", "card", "coin", "egg", "ball")
+
+
+def _count(n: int, obj: str) -> str:
+    return f"{n} {obj}" if n == 1 else f"{n} {obj}s"
+
+
+def _gen_add(rng: random.Random) -> tuple[str, str, int, int]:
+    (name, pron), obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    q = f"{name} has {_count(a, obj)}. {pron.capitalize()} gets {b} more. How many {obj}s does {pron} have now?"
+    return q, "+", a, b
+
+
+def _gen_add_two(rng: random.Random) -> tuple[str, str, int, int]:
+    (name, _), (other, _) = rng.sample(_NAMES, 2)
+    obj = rng.choice(_OBJECTS)
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    q = f"{name} has {_count(a, obj)} and {other} has {_count(b, obj)}. How many {obj}s do they have in all?"
+    return q, "+", a, b
+
+
+def _gen_sub(rng: random.Random) -> tuple[str, str, int, int]:
+    (name, pron), obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
+    a = rng.randint(1, 20)
+    b = rng.randint(1, a)
+    q = f"{name} has {_count(a, obj)}. {pron.capitalize()} gives away {b}. How many {obj}s does {pron} have left?"
+    return q, "-", a, b
+
+
+def _gen_mul(rng: random.Random) -> tuple[str, str, int, int]:
+    (name, pron), obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
+    a, b = rng.randint(2, 5), rng.randint(1, 10)
+    q = f"{name} has {a} bags with {_count(b, obj)} each. How many {obj}s does {pron} have?"
+    return q, "*", a, b
+
+
+_TEMPLATES: tuple[Callable[[random.Random], tuple[str, str, int, int]], ...] = (_gen_add, _gen_add_two, _gen_sub, _gen_mul)
+_OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def _in_eval_pool(question: str) -> bool:
+    return zlib.crc32(question.encode("utf-8")) % _EVAL_POOL_MOD == 0
+
+
+def _arithmetic(n: int, seed: int, eval_pool: bool) -> list[Problem]:
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    # Distinct questions while the pool allows it (it holds tens of thousands); repeats only beyond that.
+    budget = 200 * n + 1000
+    while len(problems) < n:
+        question, op, a, b = rng.choice(_TEMPLATES)(rng)
+        if _in_eval_pool(question) != eval_pool:
+            continue
+        budget -= 1
+        if question in seen and budget > 0:
+            continue
+        seen.add(question)
+        answer = _OPS[op](a, b)
+        solution = f"{a}{op}{b}={answer}. The answer is {answer}."
+        problems.append(Problem(question=question, answer=str(answer), solution=solution))
+    return problems
+
+
+def builtin_arithmetic(n: int, seed: int) -> list[Problem]:
+    """`n` short one-operation word problems (+, -, *; operands <= 20, answers >= 0), deterministic in `seed`.
+
+    Solutions read "3+4=7. The answer is 7.". Questions come from the training pool only: the held-out pool
+    used for evaluation (`builtin_arithmetic_eval`) never shares a question with it.
+    """
+    return _arithmetic(n, seed, eval_pool=False)
+
+
+def builtin_arithmetic_eval(n: int, seed: int = BUILTIN_EVAL_SEED) -> list[Problem]:
+    """`n` held-out builtin problems, disjoint (as question texts) from every `builtin_arithmetic` output."""
+    return _arithmetic(n, seed, eval_pool=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row -> Problem adapters
+# --------------------------------------------------------------------------------------------------
+
+_GSM8K_CALC = re.compile(r"<<[^<>]*>>")
+_FLOAT_ZERO = re.compile(r"(?<![\d.])(\d+)\.0+(?![\d.])")
+
+
+def _text(value: Any) -> str | None:
+    """A cell as stripped text; None for missing/empty values."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return _format_number(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _format_number(value: float) -> str:
+    if math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return f"{value:.10g}"
+
+
+def _gsm8k_number(text: str) -> str:
+    return text.strip().replace(",", "").rstrip(".").strip()
+
+
+def _gsm8k_answer(raw: str) -> tuple[str, str | None]:
+    """GSM8K `answer` text -> (final answer, cleaned solution). Plain text without `####` is the answer itself."""
+    if "####" not in raw:
+        return _gsm8k_number(raw), None
+    work, final = raw.rsplit("####", 1)
+    answer = _gsm8k_number(final)
+    return answer, _gsm8k_solution(work, answer)
+
+
+def _gsm8k_solution(work: str, answer: str) -> str:
+    work = _GSM8K_CALC.sub("", work)
+    lines = [line.rstrip() for line in work.strip().splitlines()]
+    lines = [line for line in lines if line]
+    return "\n".join(lines + [f"The answer is {answer}."])
+
+
+@dataclass(frozen=True)
+class _Fields:
+    question: str
+    answer: str
+    # Solution column, None when the data has none.
+    solution: str | None
+
+
+def _row_gsm8k(row: dict[str, Any], f: _Fields) -> Problem | None:
+    question, raw = _text(row.get(f.question)), _text(row.get(f.answer))
+    if question is None or raw is None:
+        return None
+    answer, solution = _gsm8k_answer(raw)
+    if f.solution is not None and f.solution != f.answer:
+        # An explicit solution column: cleaned the same way when it is GSM8K-style, else used as is.
+        text = _text(row.get(f.solution))
+        if text is None:
+            solution = None
+        elif "####" in text:
+            solution = _gsm8k_solution(text.rsplit("####", 1)[0], answer)
+        else:
+            solution = _GSM8K_CALC.sub("", text).strip()
+    return Problem(question, answer, solution) if answer else None
+
+
+def _svamp_question(body: str | None, question: str | None) -> str | None:
+    if question is None:
+        return None
+    if body is None:
+        return question
+    body = body.rstrip(" ,;:")
+    if body and body[-1] not in ".?!":
+        body += "."
+    return f"{body} {question}"
+
+
+def _svamp_equation(equation: str, answer: str) -> str:
+    eq = _FLOAT_ZERO.sub(r"\1", " ".join(equation.split()))
+    eq = eq.replace("( ", "(").replace(" )", ")")
+    return f"{eq} = {answer}. The answer is {answer}."
+
+
+def _row_svamp(row: dict[str, Any], f: _Fields) -> Problem | None:
+    # With a question_field override the question is that field alone; by default Body + Question.
+    if f.question == "Question":
+        question = _svamp_question(_text(row.get("Body")), _text(row.get("Question")))
+    else:
+        question = _text(row.get(f.question))
+    value = row.get(f.answer)
+    if isinstance(value, str):
+        try:
+            value = float(value.replace(",", ""))
+        except ValueError:
+            pass
+    answer = _text(value)
+    if question is None or answer is None:
+        return None
+    solution = None
+    if f.solution is not None:
+        equation = _text(row.get(f.solution))
+        if equation is not None:
+            solution = _svamp_equation(equation, answer) if f.solution == "Equation" else equation
+    return Problem(question, answer, solution)
+
+
+def _row_plain(row: dict[str, Any], f: _Fields) -> Problem | None:
+    question, answer = _text(row.get(f.question)), _text(row.get(f.answer))
+    if question is None or answer is None:
+        return None
+    solution = _text(row.get(f.solution)) if f.solution is not None else None
+    return Problem(question, answer, solution)
+
+
+@dataclass(frozen=True)
+class _Schema:
+    hub_id: str | None
+    hub_config: str | None
+    question: str
+    answer: str
+    solution: str | None
+    row: Callable[[dict[str, Any], _Fields], Problem | None]
+    # Local-file format of the generic loaders ("json", "parquet", "csv"); None: guessed from the extension.
+    local_format: str | None = None
+    note: str = ""
+
+
+_SCHEMAS: dict[str, _Schema] = {
+    "gsm8k": _Schema("openai/gsm8k", "main", "question", "answer", None, _row_gsm8k),
+    "svamp": _Schema("ChilleD/SVAMP", None, "Question", "Answer", "Equation", _row_svamp),
+    "math12k": _Schema("hiyouga/math12k", None, "problem", "answer", "solution", _row_plain),
+    "math500": _Schema(
+        "HuggingFaceH4/MATH-500", None, "problem", "answer", "solution", _row_plain,
+        note="MATH-500 only has a test split: use it for evaluation (eval_split = \"test\")",
+    ),
+    "jsonl": _Schema(None, None, "question", "answer", None, _row_plain, local_format="json"),
+    "parquet": _Schema(None, None, "question", "answer", None, _row_plain, local_format="parquet"),
+    "csv": _Schema(None, None, "question", "answer", None, _row_plain, local_format="csv"),
+}
+_ALIASES = {s.hub_id.lower(): name for name, s in _SCHEMAS.items() if s.hub_id}
+
+KNOWN_DATASETS: tuple[str, ...] = (BUILTIN_ARITHMETIC, *_SCHEMAS)
+
+_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_SHARD = re.compile(r"(?P<split>.+?)-\d+-of-\d+(?:-[0-9a-f]+)?")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_problems(cfg: DataConfig, split: Literal["train", "eval"]) -> list[Problem]:
+    """The problems of `split` ("train" -> cfg.train_split, "eval" -> cfg.eval_split), shuffled and truncated.
+
+    Raises UsageError (one line) for anything the recipe can fix.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f'split must be "train" or "eval", got {split!r}')
+    limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+    name = cfg.name.strip()
+    if name == BUILTIN_ARITHMETIC:
+        if split == "train":
+            problems = builtin_arithmetic(cfg.builtin_train_size, seed=cfg.shuffle_seed)
+        else:
+            problems = builtin_arithmetic_eval(cfg.builtin_test_size)
+        return problems[:limit] if limit is not None else problems
+
+    schema = _SCHEMAS.get(name) or _SCHEMAS.get(_ALIASES.get(name.lower(), ""))
+    if schema is None:
+        raise UsageError(
+            f"[data] name = {cfg.name!r}: unknown dataset{_suggest(name, list(KNOWN_DATASETS))}"
+        )
+    split_name = cfg.train_split if split == "train" else cfg.eval_split
+    split_key = "train_split" if split == "train" else "eval_split"
+    ds, source = _load_split(name, schema, cfg, split_name, split_key)
+    fields = _resolve_fields(schema, cfg, ds.column_names, source)
+    return _to_problems(ds, schema, fields, cfg.shuffle_seed, limit, source)
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    hint = f' (did you mean "{close[0]}"?)' if close else ""
+    return f"{hint}; known datasets: {', '.join(choices)}"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _load_split(
+    name: str, schema: _Schema, cfg: DataConfig, split_name: str, split_key: str
+) -> tuple[datasets.Dataset, str]:
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise UsageError(f"[data] path = {cfg.path!r}: no such file or directory")
+        if path.is_file():
+            return _load_file(path, schema, [path]), str(path)
+        return _load_directory(path, schema, split_name, split_key)
+    if schema.hub_id is None:
+        raise UsageError(
+            f'[data] name = "{name}" reads local files: set [data] path = "..." to a {name} file '
+            f"or to a directory holding {split_name}.{'jsonl' if name == 'jsonl' else name}"
+        )
+    return _load_hub(name, schema, split_name, split_key), schema.hub_id
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]  # ConnectionError, TimeoutError, FileNotFoundError, ...
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        errors.append(HfHubHTTPError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from datasets.exceptions import DatasetsError
+
+        errors.append(DatasetsError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import requests
+
+        errors.append(requests.RequestException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _load_hub(name: str, schema: _Schema, split_name: str, split_key: str) -> datasets.Dataset:
+    import datasets
+
+    assert schema.hub_id is not None
+    try:
+        loaded = datasets.load_dataset(schema.hub_id, schema.hub_config)
+    except _hub_errors() as err:
+        raise UsageError(
+            f"cannot load dataset {name} ({schema.hub_id}) from the Hugging Face Hub: it needs network access "
+            f"or a local copy; download it elsewhere and point the recipe at it with [data] path = \"...\" "
+            f"(a .jsonl/.parquet file or a directory) ({_first_line(err)})"
+        ) from None
+    return _pick_split(loaded, split_name, split_key, schema.hub_id, schema)
+
+
+def _pick_split(
+    loaded: Any, split_name: str, split_key: str, source: str, schema: _Schema
+) -> datasets.Dataset:
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    available = list(loaded.keys())
+    if split_name not in available:
+        note = f"; {schema.note}" if schema.note else ""
+        raise UsageError(
+            f"[data] {split_key} = {split_name!r}: no such split in {source} "
+            f"(available: {', '.join(available) or 'none'}){note}"
+        )
+    return loaded[split_name]
+
+
+def _file_format(path: Path, schema: _Schema) -> str:
+    if schema.local_format is not None:
+        return schema.local_format
+    fmt = _EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(
+            f"[data] path = {str(path)!r}: cannot tell the file format from the extension "
+            f"(expected one of {', '.join(_EXTENSIONS)})"
+        )
+    return fmt
+
+
+def _load_file(path: Path, schema: _Schema, files: list[Path]) -> datasets.Dataset:
+    """Load data files (one format) as one Dataset."""
+    import datasets
+
+    fmt = _file_format(files[0], schema)
+    try:
+        return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
+    except (datasets.exceptions.DatasetsError, ValueError, OSError, UnicodeDecodeError) as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        where = str(files[0]) if len(files) == 1 else f"{len(files)} files in {path}"
+        raise UsageError(f"[data] path: cannot read {where} as {fmt} ({_first_line(cause)})") from None
+
+
+def _split_of(file: Path) -> str:
+    stem = file.name[: -len(file.suffix)] if file.suffix else file.name
+    match = _SHARD.fullmatch(stem)
+    if match:
+        return match.group("split")
+    if stem.isdigit():  # parquet-converter layout: <config>/<split>/0000.parquet
+        return file.parent.name
+    return stem
+
+
+def _load_directory(path: Path, schema: _Schema, split_name: str, split_key: str) -> tuple[datasets.Dataset, str]:
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
+            raise UsageError(f"[data] path = {str(path)!r}: cannot load the saved dataset ({_first_line(err)})") from None
+        return _pick_split(loaded, split_name, split_key, str(path), schema), str(path)
+
+    allowed = {ext for ext, fmt in _EXTENSIONS.items() if schema.local_format in (None, fmt)}
+    by_split: dict[str, list[Path]] = {}
+    for file in sorted(path.rglob("*")):
+        rel = file.relative_to(path)
+        if not file.is_file() or file.suffix.lower() not in allowed or any(p.startswith(".") for p in rel.parts):
+            continue
+        by_split.setdefault(_split_of(file), []).append(file)
+    files = by_split.get(split_name)
+    if not files:
+        found = ", ".join(sorted(by_split)) or "none"
+        ext = "jsonl" if schema.local_format in (None, "json") else schema.local_format
+        note = f"; {schema.note}" if schema.note else ""
+        raise UsageError(
+            f"[data] {split_key} = {split_name!r}: no {split_name}.{ext} (or {split_name}-*.{ext} shards) "
+            f"in {path} (splits found: {found}){note}"
+        )
+    # Several directories with this split (e.g. gsm8k's main/ and socratic/): prefer the hub config's one.
+    dirs = sorted({f.parent for f in files})
+    if len(dirs) > 1 and schema.hub_config:
+        preferred = [d for d in dirs if schema.hub_config in d.relative_to(path).parts]
+        if preferred:
+            dirs = preferred
+    if len(dirs) > 1:
+        listed = ", ".join(str(d.relative_to(path)) or "." for d in dirs)
+        raise UsageError(
+            f"[data] path = {str(path)!r}: {split_name!r} data in several folders ({listed}); "
+            "point [data] path at one of them"
+        )
+    files = [f for f in files if f.parent == dirs[0]]
+    # One format only (the first by name order if a folder mixes them).
+    fmt = _EXTENSIONS[files[0].suffix.lower()]
+    files = [f for f in files if _EXTENSIONS[f.suffix.lower()] == fmt]
+    source = str(files[0]) if len(files) == 1 else f"{dirs[0]}/{split_name}*"
+    return _load_file(path, schema, files), source
+
+
+def _resolve_fields(schema: _Schema, cfg: DataConfig, columns: list[str], source: str) -> _Fields:
+    question = cfg.question_field or schema.question
+    answer = cfg.answer_field or schema.answer
+    solution = cfg.solution_field or schema.solution
+    have = ", ".join(columns) or "none"
+    for key, field in (("question_field", question), ("answer_field", answer)):
+        if field not in columns:
+            how = "set" if getattr(cfg, key) is None else "fix"
+            raise UsageError(
+                f"{source}: no {key.split('_')[0]} field {field!r} (fields: {have}); "
+                f'{how} [data] {key} = "..." to name the column'
+            )
+    if solution is not None and solution not in columns:
+        if cfg.solution_field is not None:
+            raise UsageError(
+                f"{source}: no solution field {solution!r} (fields: {have}); "
+                'fix [data] solution_field = "..." or remove it'
+            )
+        solution = None
+    return _Fields(question, answer, solution)
+
+
+def _to_problems(
+    ds: datasets.Dataset, schema: _Schema, fields: _Fields, seed: int, limit: int | None, source: str
+) -> list[Problem]:
+    wanted = [fields.question, fields.answer, fields.solution]
+    if schema.row is _row_svamp:
+        wanted += ["Body", "Question"]
+    wanted = [c for c in dict.fromkeys(wanted) if c]
+    columns = ds.select_columns([c for c in wanted if c in ds.column_names]).to_dict()
+    n_rows = ds.num_rows
+    order = list(range(n_rows))
+    random.Random(seed).shuffle(order)
+    problems: list[Problem] = []
+    skipped = 0
+    for i in order:
+        if limit is not None and len(problems) >= limit:
+            break
+        problem = schema.row({k: v[i] for k, v in columns.items()}, fields)
+        if problem is None:
+            skipped += 1
+        else:
+            problems.append(problem)
+    if skipped:
+        log.warning("%s: skipped %d row(s) with an empty question or answer", source, skipped)
+    if not problems:
+        raise UsageError(f"{source}: no usable problems ({n_rows} rows, none with both a question and an answer)")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------
+
+
+def uses_chat_template(tokenizer: Any, cfg: DataConfig) -> bool:
+    """Whether `format_prompt` applies the tokenizer's chat template (else the plain Question/Answer one)."""
+    return bool(cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(tokenizer: Any, question: str, cfg: DataConfig) -> str:
+    """The prompt text for `question`.
+
+    Chat template (when `cfg.use_chat_template` and the tokenizer has one): system message `cfg.system_prompt`
+    (left out when empty) + the question as the user message, with the generation prompt. A template that
+    rejects the system role gets the system prompt prepended to the user message instead.
+    Otherwise: "Question: {question}\\nAnswer:" (no system prompt).
+    """
+    if not uses_chat_template(tokenizer, cfg):
+        return PLAIN_PROMPT_TEMPLATE.format(question=question)
+    user = {"role": "user", "content": question}
+    if not cfg.system_prompt:
+        return _apply_template(tokenizer, [user])
+    try:
+        return _apply_template(tokenizer, [{"role": "system", "content": cfg.system_prompt}, user])
+    except Exception as err:  # noqa: BLE001 - templates raise arbitrary errors (jinja raise_exception)
+        if "system" not in str(err).lower():
+            raise
+        return _apply_template(tokenizer, [{"role": "user", "content": f"{cfg.system_prompt}\n\n{question}"}])
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not isinstance(text, str):  # pragma: no cover - defensive
+        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+    return text
+
+
+def format_solution(solution: str, tokenizer: Any = None, cfg: DataConfig | None = None) -> str:
+    """The completion text that follows `format_prompt(...)` in supervised warm-up (end-of-text not included).
+
+    Plain template: " " + solution (so prompt + completion reads "Answer: 3+4=7. The answer is 7.").
+    Chat template (tokenizer and cfg given and the template in use): the solution as the assistant's content.
+    """
+    if tokenizer is not None and cfg is not None and uses_chat_template(tokenizer, cfg):
+        return solution
+    return " " + solution

@@ -1,0 +1,93 @@
+"""Metrics: an append-only JSONL log (one whole line per write) and a progress display."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+PROGRESS_KEYS = (("reward", "reward_mean"), ("acc", "rollout_accuracy"), ("tok/s", "rollout_tokens_per_s"),
+                 ("ess", "ess"), ("loss", "loss"))
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null / strings."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class MetricsLog:
+    """Append-only JSONL. On resume, lines of steps after the checkpoint (and torn lines) are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            self._truncate_after(resume_step)
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn line from a killed process
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(_clean(record), sort_keys=False) + "\n"
+        with self.path.open("a") as handle:
+            handle.write(line)
+            handle.flush()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar on a terminal, one plain line per step otherwise."""
+
+    def __init__(self, total: int, initial: int, mode: str = "auto") -> None:
+        self.mode = ("bar" if sys.stderr.isatty() else "plain") if mode == "auto" else mode
+        self.total = total
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def update(self, record: dict[str, Any]) -> None:
+        shown = {label: record.get(key) for label, key in PROGRESS_KEYS}
+        text = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items() if v is not None)
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+        elif self.mode == "plain":
+            print(f"step {record['step']}/{self.total} {text} skip={list(record.get('skip_set', []))}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.mode != "none":
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

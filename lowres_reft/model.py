@@ -1,0 +1,191 @@
+"""Load the target policy: tokenizer + (4-bit NF4) base model + LoRA adapters. Only adapters train.
+
+The reference policy (for the optional KL term) is the same model with adapters disabled
+(`with model.disable_adapter():`), so no second copy exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowres_reft.config import LoraConfig, ModelConfig
+from lowres_reft.errors import UsageError
+from lowres_reft.tiny import TINY_NAME, ensure_tiny_model
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Policy:
+    model: nn.Module  # a peft PeftModel
+    tokenizer: object
+    device: torch.device
+    trainable_params: int
+    total_params: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_stack(self.model).layers)
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError('[model] device = "cuda" but no CUDA GPU is visible; use device = "auto" or "cpu"')
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return _DTYPES[cfg.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def model_path(cfg: ModelConfig, cache_dir: str | Path) -> str:
+    """The name/path handed to from_pretrained (building the builtin tiny model when asked for)."""
+    if cfg.name == TINY_NAME:
+        return str(ensure_tiny_model(Path(cache_dir) / "_builtin", cfg.tiny_layers, cfg.tiny_hidden))
+    looks_local = cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1
+    if looks_local and not Path(cfg.name).expanduser().exists():
+        raise UsageError(f"[model] name: local model path {cfg.name!r} does not exist")
+    return cfg.name
+
+
+def load_tokenizer(name_or_path: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = _hub_call(
+        lambda: AutoTokenizer.from_pretrained(name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code),
+        name_or_path,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _hub_call(fn, name: str):
+    """Run a from_pretrained call, turning "not found / no network" into a one-line UsageError."""
+    try:
+        return fn()
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"cannot load model {name!r} ({first[:160]}); it needs network access to the hub or a local copy: "
+            f'set [model] name = "/path/to/model"'
+        ) from None
+
+
+def disable_cpu_bf16_repack(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place on avx512_bf16 CPUs.
+
+    bnb (CPU backend) converts the packed weight layout during no-grad eval forwards; afterwards
+    training forwards fail and eval logits differ from train logits. Returns the number of layers fixed.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_base_model(cfg: ModelConfig, name_or_path: str, device: torch.device):
+    """The frozen base model, 4-bit NF4 when `cfg.load_in_4bit`, else in `cfg.dtype`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = resolve_dtype(cfg, device)
+    kwargs: dict = dict(
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=dtype,
+        attn_implementation=cfg.attn_implementation,
+        device_map={"": device.index if device.type == "cuda" else "cpu"},
+    )
+    if cfg.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("[model] load_in_4bit = true needs bitsandbytes (pip install bitsandbytes), or set load_in_4bit = false") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quant_type,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    model = _hub_call(lambda: AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs), name_or_path)
+    disable_cpu_bf16_repack(model)
+    return model
+
+
+def load_policy(
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    cache_dir: str | Path = "runs",
+    adapter_dir: str | Path | None = None,
+    gradient_checkpointing: bool = False,
+) -> Policy:
+    """Tokenizer + frozen base + LoRA (fresh, or loaded from `adapter_dir`). Adapter params require grad."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    device = resolve_device(model_cfg)
+    name_or_path = model_path(model_cfg, cache_dir)
+    tokenizer = load_tokenizer(name_or_path, model_cfg)
+    base = load_base_model(model_cfg, name_or_path, device)
+    if model_cfg.load_in_4bit:
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        for param in base.parameters():
+            param.requires_grad_(False)
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    else:
+        peft_cfg = PeftLoraConfig(
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=list(lora_cfg.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, peft_cfg)
+    disable_cpu_bf16_repack(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_stored_numel(p) for p in model.parameters())
+    return Policy(model=model, tokenizer=tokenizer, device=device, trainable_params=trainable, total_params=total)
+
+
+def _stored_numel(param: torch.Tensor) -> int:
+    """Logical parameter count (a packed 4-bit weight stores two values per uint8)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return param.numel()
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers (`.layers`) and the config, e.g. `Qwen2Model`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stack = getattr(inner, "model", inner)
+    if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
+        raise UsageError(f"{type(inner).__name__}: unsupported architecture (no model.layers decoder stack to skip layers in)")
+    return stack

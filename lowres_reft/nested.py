@@ -1,0 +1,118 @@
+"""The nested behavior policy: the target model with a subset of its decoder layers skipped.
+
+Definitions (Nested-ReFT): decoder layers are 0..L-1; the valid (skippable) layers are all but the first
+`protect_first` and the last `protect_last`. Each rollout batch draws `round(r * L)` of them uniformly
+without replacement (schedule "random"), or uses an explicit list (schedule "fixed").
+
+Mechanism: `skip_layers(model, skip)` temporarily replaces the stack's `layers` ModuleList by one holding
+only the kept layers (the same module objects: weights, 4-bit storage and LoRA adapters are shared, nothing
+is copied), sets `config.num_hidden_layers`/`config.layer_types` to match, and renumbers the kept
+attention modules' `layer_idx` to 0..K-1. A skipped layer is never called, so it costs no compute, and a
+KV cache built inside the context has exactly K layers: cached decoding (whose sequence length is read
+from cache layer 0) stays correct for any skip set, including layer 0. Everything is restored on exit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from lowres_reft.model import decoder_stack
+
+
+def valid_layers(num_layers: int, protect_first: int, protect_last: int) -> list[int]:
+    return list(range(protect_first, num_layers - protect_last))
+
+
+def num_skipped(num_layers: int, skip_ratio: float) -> int:
+    # Python's round() is banker's rounding; the definition is round-half-up.
+    return int(skip_ratio * num_layers + 0.5)
+
+
+class SkipSchedule:
+    """Draws the skip set for each rollout batch; seeded and checkpointable."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        skip_ratio: float,
+        protect_first: int = 1,
+        protect_last: int = 1,
+        schedule: str = "random",
+        layers: Sequence[int] = (),
+        seed: int = 0,
+    ) -> None:
+        self.num_layers = num_layers
+        self.skip_ratio = skip_ratio
+        self.schedule = schedule
+        self.valid = valid_layers(num_layers, protect_first, protect_last)
+        if not self.valid and (skip_ratio > 0 or layers):
+            raise ValueError(f"protect_first + protect_last leaves no skippable layer out of {num_layers}")
+        if schedule == "fixed":
+            bad = [i for i in layers if i not in self.valid]
+            if bad:
+                raise ValueError(f"layers {bad} are not skippable (valid: {self.valid[0]}..{self.valid[-1]})")
+            self.fixed = tuple(sorted(layers))
+        self.rng = random.Random(seed)
+
+    def draw(self) -> tuple[int, ...]:
+        if self.schedule == "fixed":
+            return self.fixed
+        count = num_skipped(self.num_layers, self.skip_ratio)
+        if count > len(self.valid):
+            raise ValueError(
+                f"skip_ratio {self.skip_ratio} asks for {count} layers but only {len(self.valid)} are skippable"
+            )
+        return tuple(sorted(self.rng.sample(self.valid, count)))
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+@contextmanager
+def skip_layers(model: nn.Module, skip: Sequence[int]) -> Iterator[nn.Module]:
+    """Run `model` with the decoder layers in `skip` bypassed (hidden state passes through unchanged)."""
+    stack = decoder_stack(model)
+    layers = stack.layers
+    skip_set = set(skip)
+    if not skip_set:
+        yield model
+        return
+    num_layers = len(layers)
+    assert all(0 <= i < num_layers for i in skip_set), f"skip set {sorted(skip_set)} out of range 0..{num_layers - 1}"
+    assert len(skip_set) < num_layers, "cannot skip every layer"
+    config = stack.config
+    kept = [i for i in range(num_layers) if i not in skip_set]
+    saved_types = getattr(config, "layer_types", None)
+    saved_count = config.num_hidden_layers
+    renumbered = [
+        (module, module.layer_idx)
+        for new_idx, old_idx in enumerate(kept)
+        for module in layers[old_idx].modules()
+        if isinstance(getattr(module, "layer_idx", None), int)
+    ]
+    try:
+        stack.layers = nn.ModuleList([layers[i] for i in kept])
+        config.num_hidden_layers = len(kept)
+        if saved_types is not None:
+            config.layer_types = [saved_types[i] for i in kept]
+        for new_idx, old_idx in enumerate(kept):
+            for module in layers[old_idx].modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new_idx
+        yield model
+    finally:
+        stack.layers = layers
+        config.num_hidden_layers = saved_count
+        if saved_types is not None:
+            config.layer_types = saved_types
+        for module, old_idx in renumbered:
+            module.layer_idx = old_idx

@@ -1,0 +1,478 @@
+"""Verifiable math rewards: pull the final answer out of a completion and check it against the gold answer.
+
+Extraction (`extract_answer`) looks, in this order, for
+  1. the last complete `\\boxed{...}` / `\\fbox{...}` (nested and escaped braces handled; `\\boxed 5` too),
+  2. the last GSM8K-style `#### N`,
+  3. the last "the (final) answer is N" / "final answer: N" (case-insensitive; trailing period, `$`,
+     markdown `**` and unit words after a number are dropped),
+  4. the last number anywhere in the text (fallback).
+
+Equivalence (`is_equivalent`) first normalises the surface form of both sides (`$` / `\\$`, `\\text{}` wrappers,
+thousands commas, `^\\circ`, trailing unit words such as "dollars" or "apples", LaTeX spacing), then
+  * fast path: when both sides are plain numbers (integers, decimals, `a/b`, `\\frac{a}{b}`, `\\dfrac12`, signs)
+    they are compared exactly as fractions -- no sympy, which covers nearly every GSM8K case;
+  * otherwise math-verify (`parse` + `verify`) compares them symbolically (`\\sqrt`, `x+1` vs `1+x`, tuples,
+    intervals, sets, `2^{10}` vs 1024, equations like `x=3` vs 3, ...).
+
+Percent rule (GSM8K-friendly): the percent sign is treated as a unit and dropped, so "50%" == "50" == "50 percent",
+but "50%" != "0.5". GSM8K golds are written without the sign ("what percent ...? #### 50").
+
+Thread safety: math-verify implements its timeouts with SIGALRM, which only works in the main thread. The signal
+timeout is used when the reward runs in the main thread and disabled elsewhere; in both cases inputs that can make
+sympy hang (power towers, huge factorials/binomials, very long answers) are rejected up front as wrong, so results
+are the same in any thread. No exception ever leaves a reward function: a failure while checking counts as wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+from lowres_reft.errors import ConfigError
+
+RewardFn = Callable[[str, str], float]
+
+# math-verify timeouts (seconds, main thread only) and the guards that stand in for them elsewhere.
+_MV_TIMEOUT_S = 3
+_MAX_ANSWER_CHARS = 400
+_MAX_EXPONENT = 100_000
+_MAX_FACTORIAL = 1_000
+_MAX_BINOM_ARG = 10_000
+
+# --------------------------------------------------------------------------------------------------
+# math-verify: quiet the one-time "timeout is disabled" warning (we disable it on purpose off the main thread
+# and guard against hangs ourselves).
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return "Timeout is disabled" not in record.getMessage()
+        except Exception:
+            return True
+
+
+for _name in ("math_verify.parser", "math_verify.grader", "math_verify.utils"):
+    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
+
+
+def _mv_timeout() -> int | None:
+    """math-verify's SIGALRM timeout only works in the main thread; elsewhere it must be None."""
+    return _MV_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_HASH_RE = re.compile(r"####")
+_ANSWER_IS_RE = re.compile(r"\banswer\s+is\b\s*:?|\bfinal\s+answer\s*:", re.IGNORECASE)
+# A number as written in prose: sign, thousands commas, decimals, optional simple fraction.
+_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|\.\d+"
+_LEAD_NUM_RE = re.compile(
+    r"(?:\\?\$\s*)?(?P<num>[+-]?(?:" + _NUM + r"))(?P<pct>\s*\\?%)?(?=$|[\s.,;:!?*$)\]]|\\?%)"
+)
+_ANY_NUM_RE = re.compile(r"(?P<sign>-?)(?P<num>" + _NUM + r")")
+_MATH_OPERATOR_START = re.compile(r"\s*[+\-*/^=<>\\{\d]")
+
+
+def _read_braced(text: str, i: int) -> tuple[str, int] | None:
+    """`text[i]` is '{': return (content, index after the matching '}'), or None if it never closes."""
+    depth = 0
+    j = i
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2  # escaped char (\{, \}, \\) never changes the depth
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j], j + 1
+        j += 1
+    return None
+
+
+def _boxed_answers(text: str) -> list[str]:
+    """Contents of every complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed N`, in order of appearance."""
+    out = []
+    for m in _BOX_RE.finditer(text):
+        i = m.end()
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i >= len(text):
+            continue
+        if text[i] == "{":
+            got = _read_braced(text, i)
+            if got is None:  # unclosed (e.g. truncated generation): not an answer
+                continue
+            content = got[0].strip()
+        else:
+            tok = re.match(r"[^\s$]+", text[i:])
+            content = tok.group(0).rstrip(".,;") if tok else ""
+        if content:
+            out.append(content)
+    return out
+
+
+def _answer_from_phrase(rest: str) -> str | None:
+    """The answer at the start of `rest` (what follows "####" or "the answer is")."""
+    rest = rest.split("\n", 1)[0].strip().lstrip("*").strip()
+    if not rest:
+        return None
+    m = _LEAD_NUM_RE.match(rest)
+    if m and not _MATH_OPERATOR_START.match(rest[m.end() :]):
+        num = re.sub(r"\s+", "", m.group("num"))
+        return num + ("%" if m.group("pct") else "")
+    # Inline math: $...$, $$...$$, \(...\), \[...\]
+    for open_, close in (("$$", "$$"), ("\\(", "\\)"), ("\\[", "\\]"), ("$", "$")):
+        if rest.startswith(open_):
+            end = rest.find(close, len(open_))
+            if end > len(open_):
+                return _strip_period(rest[len(open_) : end]) or None
+            break
+    # Anything else: up to the end of the sentence.
+    phrase = re.split(r"\.(?=\s|$)", rest, maxsplit=1)[0]
+    phrase = phrase.strip().strip("*").strip().strip("$").strip()
+    return _strip_period(phrase) or None
+
+
+def _strip_period(s: str) -> str:
+    s = s.strip()
+    while s.endswith((".", "\u3002")):
+        s = s[:-1].rstrip()
+    return s
+
+
+def _explicit_answer(text: str) -> str | None:
+    """The answer stated in an explicit form (boxed, ####, "the answer is"), or None."""
+    boxed = _boxed_answers(text)
+    if boxed:
+        return boxed[-1]
+    for m in reversed(list(_HASH_RE.finditer(text))):
+        ans = _answer_from_phrase(text[m.end() :])
+        if ans:
+            return ans
+    for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
+        ans = _answer_from_phrase(text[m.end() :])
+        if ans:
+            return ans
+    return None
+
+
+def _last_number(text: str) -> str | None:
+    last = None
+    for m in _ANY_NUM_RE.finditer(text):
+        sign = m.group("sign")
+        # "3-5": the minus is an operator, not a sign
+        if sign and m.start() > 0 and (text[m.start() - 1].isalnum() or text[m.start() - 1] in ")}]"):
+            sign = ""
+        last = sign + re.sub(r"\s+", "", m.group("num"))
+    return last
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion (see the module docstring for the priority), or None."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        return _explicit_answer(text) or _last_number(text)
+    except Exception:  # a regex on odd input must never crash a reward
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation and equivalence
+
+_TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|textit|textrm|texttt|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
+_UNIT_TAIL_RE = re.compile(r"(?P<head>.*?[\d})\]])(?P<tail>(?:\s+[A-Za-z]{2,}\.?)+)")
+_NOT_UNITS = {"pi", "and", "or", "to", "sqrt", "inf", "infty", "infinity", "mod", "times"}
+_PLAIN_NUM_RE = re.compile(r"([+-]?)((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)")
+_SLASH_FRAC_RE = re.compile(r"([+-]?)(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)")
+_FRAC_CMD_RE = re.compile(r"([+-]?)\\[dt]?frac")
+
+
+def normalize(answer: str) -> str:
+    """Surface normalisation: drop `$`, `\\text{}` wrappers, percent signs, degrees, unit words, spacing."""
+    s = answer.strip().replace("\u2212", "-").replace("\u00a0", " ")
+    for d in ("\\(", "\\)", "\\[", "\\]", "\\displaystyle"):
+        s = s.replace(d, " ")
+    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
+    s = s.replace("{,}", ",")
+    s = re.sub(r"\\[,!;:]", "", s)
+    s = s.replace("\\ ", " ").replace("~", " ")
+    prev = None
+    while prev != s:
+        prev = s
+        s = _TEXT_WRAP_RE.sub(lambda m: " " + m.group(1) + " ", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s)
+    s = s.replace("\\circ", "").replace("\\degree", "").replace("°", "")
+    s = s.replace("\\%", "").replace("%", "")
+    s = s.replace("\\$", "").replace("$", "")
+    s = re.sub(r"\s+", " ", s).strip()
+    s = _strip_period(s)
+    m = _UNIT_TAIL_RE.fullmatch(s)
+    if m and not any(w.strip(".").lower() in _NOT_UNITS for w in m.group("tail").split()):
+        s = m.group("head").strip()
+    return s
+
+
+def _plain_number(s: str) -> Fraction | None:
+    m = _PLAIN_NUM_RE.fullmatch(s)
+    if m:
+        body = m.group(2).replace(",", "")
+        if body.endswith("."):
+            body = body[:-1]
+        value = Fraction(body)
+        return -value if m.group(1) == "-" else value
+    m = _SLASH_FRAC_RE.fullmatch(s)
+    if m:
+        den = Fraction(m.group(3))
+        if den == 0:
+            return None
+        value = Fraction(m.group(2)) / den
+        return -value if m.group(1) == "-" else value
+    return None
+
+
+def _latex_arg(s: str, i: int) -> tuple[str, int] | None:
+    while i < len(s) and s[i] == " ":
+        i += 1
+    if i >= len(s):
+        return None
+    if s[i] == "{":
+        return _read_braced(s, i)
+    return s[i], i + 1
+
+
+def _as_number(s: str) -> Fraction | None:
+    """Exact value of a plain number (`1,234`, `-0.50`, `3/4`, `\\frac{1}{2}`, `\\dfrac12`), else None."""
+    s = s.replace(" ", "")
+    if s.startswith("{") and s.endswith("}") and _read_braced(s, 0) == (s[1:-1], len(s)):
+        s = s[1:-1]
+    value = _plain_number(s)
+    if value is not None:
+        return value
+    m = _FRAC_CMD_RE.match(s)
+    if not m:
+        return None
+    num = _latex_arg(s, m.end())
+    if num is None:
+        return None
+    den = _latex_arg(s, num[1])
+    if den is None or den[1] != len(s):
+        return None
+    n, d = _plain_number(num[0]), _plain_number(den[0])
+    if n is None or d is None or d == 0:
+        return None
+    value = n / d
+    return -value if m.group(1) == "-" else value
+
+
+def _arg_after(s: str, i: int) -> tuple[str, int]:
+    """The argument of `^` ending at s[i-1] (a braced or parenthesised group, or one token) and its end."""
+    while i < len(s) and s[i] == " ":
+        i += 1
+    if i >= len(s):
+        return "", i
+    if s[i] in "{(":
+        close = "}" if s[i] == "{" else ")"
+        depth = 0
+        for j in range(i, len(s)):
+            depth += s[j] == s[i]
+            depth -= s[j] == close
+            if depth == 0:
+                return s[i + 1 : j], j + 1
+        return s[i:], len(s)
+    tok = re.match(r"\d+|\\?[A-Za-z]+|.", s[i:])
+    return tok.group(0), i + len(tok.group(0))
+
+
+def _base_before(s: str, i: int) -> str:
+    """The base of the `^` at s[i] when it is a group ending in ')' / '}' / ']', else ''."""
+    j = i - 1
+    while j >= 0 and s[j] == " ":
+        j -= 1
+    if j < 0 or s[j] not in ")}]":
+        return ""
+    close = s[j]
+    open_ = {")": "(", "}": "{", "]": "["}[close]
+    depth = 0
+    for k in range(j, -1, -1):
+        depth += s[k] == close
+        depth -= s[k] == open_
+        if depth == 0:
+            return s[k + 1 : j]
+    return s[:j]
+
+
+def _max_int(s: str) -> int:
+    return max((int(n) for n in re.findall(r"\d+", s)), default=0)
+
+
+def _too_expensive(s: str) -> bool:
+    """Inputs that can make sympy run (nearly) forever: power towers, huge exponents/factorials/binomials."""
+    if len(s) > _MAX_ANSWER_CHARS:
+        return True
+    for m in re.finditer(r"\^|\*\*", s):
+        arg, end = _arg_after(s, m.end())
+        if "^" in arg or "**" in arg:
+            return True  # power tower: 2^{2^{40}}
+        exponent = _max_int(arg)
+        if exponent > _MAX_EXPONENT:
+            return True
+        rest = s[end:].lstrip()
+        if rest.startswith(("^", "**")):
+            return True  # chained powers: 2^{9}^{9}
+        base = _base_before(s, m.start())
+        if ("^" in base or "**" in base) and max(exponent, 1) * _max_int(base) > _MAX_EXPONENT:
+            return True  # (2^{1000})^{1000}
+    for m in re.finditer(r"!", s):
+        before = s[: m.start()].rstrip()
+        if before.endswith((")", "}", "]")):
+            return True  # factorial of an expression
+        digits = re.search(r"(\d+)$", before)
+        if digits and int(digits.group(1)) > _MAX_FACTORIAL:
+            return True
+    if re.search(r"binom|choose|\\Gamma|gamma", s):
+        if any(int(n) > _MAX_BINOM_ARG for n in re.findall(r"\d+", s)) or "^" in s:
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=8192)
+def _mv_parse(s: str) -> tuple:
+    from math_verify import parse
+
+    return tuple(parse("$" + s + "$", parsing_timeout=_mv_timeout()))
+
+
+def _mv_equivalent(pred: str, gold: str) -> bool:
+    from math_verify import verify
+
+    if _too_expensive(pred) or _too_expensive(gold):
+        return False
+    gold_parsed = _mv_parse(gold)
+    pred_parsed = _mv_parse(pred)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_mv_timeout()))
+
+
+def is_equivalent(pred: str | None, gold: str | None) -> bool:
+    """Whether the answer `pred` equals the gold answer `gold` (numerically or symbolically). Never raises."""
+    try:
+        if not isinstance(pred, str) or not isinstance(gold, str):
+            return False
+        p, g = normalize(pred), normalize(gold)
+        if not p or not g:
+            return False
+        p_num, g_num = _as_number(p), _as_number(g)
+        if p_num is not None and g_num is not None:
+            return p_num == g_num
+        if p.replace(" ", "") == g.replace(" ", ""):
+            return True
+        return _mv_equivalent(p, g)
+    except BaseException as e:  # math-verify's TimeoutException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward functions and registry
+
+
+def math_correct(completion: str, gold: str) -> float:
+    """1.0 if the completion's final answer equals the gold answer, else 0.0."""
+    return 1.0 if is_equivalent(extract_answer(completion), gold) else 0.0
+
+
+def format_reward(completion: str, gold: str) -> float:
+    """1.0 if the completion states its final answer explicitly (`\\boxed{}`, `####`, "the answer is")."""
+    del gold
+    try:
+        return 1.0 if isinstance(completion, str) and _explicit_answer(completion) else 0.0
+    except Exception:
+        return 0.0
+
+
+REWARDS: dict[str, RewardFn] = {
+    "math_correct": math_correct,
+    "format": format_reward,
+}
+
+
+def _one_line(x: object) -> str:
+    return " ".join(str(x).split())
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    """A reward function by registry name, or by explicit dotted path "package.module:function"."""
+    if not isinstance(name, str):
+        raise ConfigError(f"reward function name must be a string, got {name!r}")
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" not in name:
+        known = ", ".join(sorted(REWARDS))
+        raise ConfigError(
+            f"unknown reward function {name!r}; known: {known} "
+            f"(or name your own as 'package.module:function')"
+        )
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"bad reward function path {name!r}; expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as e:  # an import can raise anything, SystemExit included
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise ConfigError(
+            f"cannot import module {module_name!r} for reward function {name!r}: "
+            f"{type(e).__name__}: {_one_line(e)}"
+        ) from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (reward function {name!r})")
+    if not callable(fn):
+        raise ConfigError(f"reward function {name!r} is not callable")
+    return fn
+
+
+def score(
+    completions: Sequence[str],
+    golds: Sequence[str],
+    functions: tuple[str, ...] = ("math_correct",),
+    format_weight: float = 0.1,
+) -> tuple[list[float], list[bool]]:
+    """Total reward per completion (sum of `functions`, "format" scaled by `format_weight`) and correctness.
+
+    Correctness (math_correct == 1) is reported whether or not "math_correct" is among the functions.
+    """
+    if len(completions) != len(golds):
+        raise ValueError(f"score: {len(completions)} completions but {len(golds)} gold answers")
+    resolved = [(name, get_reward_fn(name)) for name in functions]
+    totals: list[float] = []
+    correct: list[bool] = []
+    for completion, gold in zip(completions, golds):
+        total = 0.0
+        is_right: bool | None = None
+        for name, fn in resolved:
+            value = float(fn(completion, gold))
+            if name == "math_correct":
+                is_right = value == 1.0
+            total += format_weight * value if name == "format" else value
+        if is_right is None:
+            is_right = math_correct(completion, gold) == 1.0
+        totals.append(total)
+        correct.append(is_right)
+    return totals, correct

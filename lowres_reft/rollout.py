@@ -1,0 +1,182 @@
+"""The sampling loop: completions plus the behavior log-prob of every sampled token.
+
+Behavior log-probs are recorded inside the loop (no extra forward pass) under exactly the distribution
+sampled from: log_softmax(logits / temperature), and with top_p < 1 the nucleus-truncated, renormalized
+distribution (tokens outside the nucleus have probability 0 under the behavior policy). So with top_p < 1
+rollouts are slightly off-policy even at skip_ratio 0, and the loss's correction accounts for it.
+Memory is O(tokens): one (batch, vocab) row of logits lives at a time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lowres_reft.nested import skip_layers
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: Tensor  # (N, P) long, left-padded
+    prompt_mask: Tensor  # (N, P) long
+    completion_ids: Tensor  # (N, T) long, right-padded with pad_id
+    completion_mask: Tensor  # (N, T) float, 1 for sampled tokens up to and including EOS
+    behavior_logp: Tensor  # (N, T) float32, 0 where mask == 0
+    truncated: Tensor  # (N,) bool: no EOS within max_new_tokens
+    skip: tuple[int, ...]
+    seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum().item())
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / max(self.seconds, 1e-9)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """list of token lists -> (ids, mask), both (N, max_len), padded on the left."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers >= 5.2x renamed `past_key_values` to `cache`; use whichever the model takes."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def nucleus_logprobs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """(N, V) logits -> (N, V) float32 log-probs of the distribution actually sampled from."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+    mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+
+
+@torch.no_grad()
+def _decode(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: Tensor,
+    pad_id: int,
+    generator: torch.Generator | None,
+    greedy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from transformers import DynamicCache
+
+    n = prompt_ids.shape[0]
+    device = prompt_ids.device
+    cache = DynamicCache(config=model.config)  # built inside skip_layers: one cache layer per kept layer
+    cache_key = _cache_kwarg(model)
+    attention_mask = prompt_mask
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids = prompt_ids
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
+    mask = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_key: cache},
+        )
+        logits = out.logits[:, -1, :]  # (N, V)
+        if greedy:
+            token = logits.argmax(dim=-1)
+            token_logp = torch.zeros(n, device=device)
+        else:
+            logp_all = nucleus_logprobs(logits, temperature, top_p)  # (N, V) float32
+            token = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+            token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
+        live = ~finished
+        tokens[:, step] = torch.where(live, token, torch.full_like(token, pad_id))
+        logps[:, step] = torch.where(live, token_logp, torch.zeros_like(token_logp))
+        mask[:, step] = live.float()
+        finished = finished | (live & torch.isin(token, eos_ids))
+        if bool(finished.all()):
+            break
+        input_ids = tokens[:, step : step + 1]
+        attention_mask = torch.cat([attention_mask, torch.ones((n, 1), dtype=attention_mask.dtype, device=device)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+    return tokens, logps, mask, ~finished
+
+
+def sample(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    skip: tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+    greedy: bool = False,
+    micro_batch: int = 0,
+) -> RolloutBatch:
+    """Sample one completion per prompt (repeat prompts G times for a group) from the nested model.
+
+    prompts: N token lists. Returns a RolloutBatch; behavior_logp is log mu(y_t | .) of each sampled token.
+    """
+    device = next(p for p in model.parameters()).device
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    size = micro_batch or len(prompts)
+    parts = []
+    try:
+        with skip_layers(model, skip):
+            for lo in range(0, len(prompts), size):
+                parts.append(
+                    _decode(model, prompt_ids[lo : lo + size], prompt_mask[lo : lo + size], max_new_tokens,
+                            temperature, top_p, eos, pad_id, generator, greedy)
+                )
+    finally:
+        model.train(was_training)
+    width = max(p[0].shape[1] for p in parts)
+    def cat(i: int, fill: float) -> Tensor:
+        return torch.cat([nn.functional.pad(p[i], (0, width - p[i].shape[1]), value=fill) for p in parts])
+    completion_ids = cat(0, pad_id)
+    behavior_logp, completion_mask = cat(1, 0.0), cat(2, 0.0)
+    truncated = torch.cat([p[3] for p in parts])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        behavior_logp=behavior_logp,
+        truncated=truncated,
+        skip=tuple(skip),
+        seconds=time.perf_counter() - start,
+    )
