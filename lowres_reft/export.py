@@ -24,6 +24,7 @@ the temporary directories are removed and nothing is left at the output paths.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -72,7 +73,22 @@ def export_checkpoint(
     if merged_out is not None:
         dtype = MERGED_DTYPES[dtype_name]
         jobs.append((Path(merged_out), lambda tmp: _write_merged(ckpt, recipe, cache_dir, dtype, tmp)))
-    return _write_atomically(jobs)
+    with _quiet():
+        return _write_atomically(jobs)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No transformers progress bars (loading / writing shards) while exporting; the CLI does the talking."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------- validation

@@ -136,6 +136,7 @@ def load_policy(
     cache_dir: str | Path = "runs",
     adapter_dir: str | Path | None = None,
     gradient_checkpointing: bool = False,
+    seed: int = 0,
 ) -> Policy:
     """Tokenizer + frozen base + LoRA (fresh, or loaded from `adapter_dir`). Adapter params require grad."""
     from peft import LoraConfig as PeftLoraConfig
@@ -167,6 +168,7 @@ def load_policy(
             target_modules=list(lora_cfg.target_modules),
             task_type="CAUSAL_LM",
         )
+        torch.manual_seed(seed)  # LoRA A init depends only on the seed, not on what ran before
         model = get_peft_model(base, peft_cfg)
     disable_cpu_bf16_repack(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

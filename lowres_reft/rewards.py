@@ -41,6 +41,7 @@ RewardFn = Callable[[str, str], float]
 _MV_TIMEOUT_S = 3
 _MAX_ANSWER_CHARS = 400
 _MAX_EXPONENT = 100_000
+_MAX_RESULT_DIGITS = 1_000_000
 _MAX_FACTORIAL = 1_000
 _MAX_BINOM_ARG = 10_000
 
@@ -124,15 +125,22 @@ def _boxed_answers(text: str) -> list[str]:
 
 def _answer_from_phrase(rest: str) -> str | None:
     """The answer at the start of `rest` (what follows "####" or "the answer is")."""
-    rest = rest.split("\n", 1)[0].strip().lstrip("*").strip()
+    rest = rest.lstrip(" \t\r\n*:")
+    # Display math may span lines: $$ ... $$ / \[ ... \]
+    for open_, close in (("$$", "$$"), ("\\[", "\\]")):
+        if rest.startswith(open_):
+            end = rest.find(close, len(open_))
+            if end > len(open_):
+                return _strip_period(rest[len(open_) : end]) or None
+    rest = rest.split("\n", 1)[0].strip()
     if not rest:
         return None
     m = _LEAD_NUM_RE.match(rest)
     if m and not _MATH_OPERATOR_START.match(rest[m.end() :]):
         num = re.sub(r"\s+", "", m.group("num"))
         return num + ("%" if m.group("pct") else "")
-    # Inline math: $...$, $$...$$, \(...\), \[...\]
-    for open_, close in (("$$", "$$"), ("\\(", "\\)"), ("\\[", "\\]"), ("$", "$")):
+    # Inline math: $...$, \(...\)
+    for open_, close in (("\\(", "\\)"), ("$", "$")):
         if rest.startswith(open_):
             end = rest.find(close, len(open_))
             if end > len(open_):
@@ -191,7 +199,9 @@ def extract_answer(text: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Normalisation and equivalence
 
-_TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|textit|textrm|texttt|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
+_TEXT_WRAP_RE = re.compile(
+    r"\\(?:text|textbf|textit|textrm|texttt|textnormal|mathrm|mathbf|mathit|mbox)\s*\{([^{}]*)\}"
+)
 _UNIT_TAIL_RE = re.compile(r"(?P<head>.*?[\d})\]])(?P<tail>(?:\s+[A-Za-z]{2,}\.?)+)")
 _NOT_UNITS = {"pi", "and", "or", "to", "sqrt", "inf", "infty", "infinity", "mod", "times"}
 _PLAIN_NUM_RE = re.compile(r"([+-]?)((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)")
@@ -331,6 +341,9 @@ def _too_expensive(s: str) -> bool:
         rest = s[end:].lstrip()
         if rest.startswith(("^", "**")):
             return True  # chained powers: 2^{9}^{9}
+        digits = re.search(r"(\d+)\s*$", s[: m.start()])
+        if digits and len(digits.group(1)) * exponent > _MAX_RESULT_DIGITS:
+            return True  # 99999999999^{99999}
         base = _base_before(s, m.start())
         if ("^" in base or "**" in base) and max(exponent, 1) * _max_int(base) > _MAX_EXPONENT:
             return True  # (2^{1000})^{1000}

@@ -55,8 +55,9 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
         return target
     tokenizer = _build_tokenizer()
     vocab_size = 64 * ((len(tokenizer) + 63) // 64)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(tiny_config(layers, hidden, vocab_size))
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(tiny_config(layers, hidden, vocab_size))
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -199,7 +199,7 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
         log(f"no checkpoint in {run_dir} to resume from; starting from step 0")
     torch.manual_seed(recipe.train.seed)
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, adapter_dir=ckpt / "adapter" if ckpt else None,
-                         gradient_checkpointing=recipe.train.gradient_checkpointing)
+                         gradient_checkpointing=recipe.train.gradient_checkpointing, seed=recipe.train.seed)
     log(f"model {recipe.model.name}: {policy.trainable_params:,} trainable / {policy.total_params:,} total parameters "
         f"({100 * policy.trainable_params / policy.total_params:.2f}%), {policy.num_layers} layers, device {policy.device}")
     train_problems, eval_problems = load_problems(recipe.data, "train"), load_problems(recipe.data, "eval")
