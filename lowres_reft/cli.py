@@ -6,6 +6,8 @@ User errors (`UserError`) print one line to stderr and exit with code 2, never a
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -13,6 +15,9 @@ import warnings
 from lowres_reft.errors import UserError
 
 DEFAULT_RECIPE = "recipes/tiny-cpu.toml"
+# Subcommands living in their own modules; each module has add_parser(subparsers) and run(args) -> int,
+# and keeps heavy imports (torch, transformers) inside run() so `--help` stays fast.
+PLUGGED = {"eval": "lowres_reft.evalcmd", "bench": "lowres_reft.bench", "compare": "lowres_reft.compare"}
 
 
 def _quiet_libraries() -> None:
@@ -45,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a recipe and print it resolved")
     check.add_argument("recipe")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    for name, module in PLUGGED.items():
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     handlers = {"run": _run, "export": _export, "check": _check}
     try:
+        if args.command in PLUGGED:
+            return importlib.import_module(PLUGGED[args.command]).run(args)
         return handlers[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

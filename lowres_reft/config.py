@@ -95,14 +95,38 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class WarmupConfig:
+    """Supervised warm-up of the adapters on reference solutions before RL (the original ReFT's first stage)."""
+
+    # Optimizer steps of supervised fine-tuning (0 = no warm-up stage).
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 16
+    # Loss only on the solution tokens (prompt tokens are masked out); sequences longer than this are cut.
+    max_tokens: int = 512
+
+    def validate(self) -> None:
+        _require(self.steps >= 0, "steps", "must be >= 0")
+        _require(self.lr > 0.0, "lr", "must be > 0")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.max_tokens >= 8, "max_tokens", "must be >= 8")
+
+
+@dataclass(frozen=True)
 class BehaviorConfig:
     # Fraction r of the decoder layers skipped by the behavior policy; round(r * L) layers per rollout batch.
     skip_ratio: float = 0.25
-    # "random": a new uniform subset of the valid layers per rollout batch (the paper); "fixed": `layers`.
-    schedule: Literal["random", "fixed"] = "random"
+    # "random": a new uniform subset of the valid layers per rollout batch (the paper); "fixed": `layers`;
+    # "adaptive": random subsets whose ratio moves in [min_ratio, max_ratio] to keep the ESS near target_ess.
+    schedule: Literal["random", "fixed", "adaptive"] = "random"
     layers: tuple[int, ...] = ()
     protect_first: int = 1
     protect_last: int = 1
+    min_ratio: float = 0.0
+    max_ratio: float = 0.5
+    target_ess: float = 0.7
+    # Change of the skip ratio per step under the adaptive schedule.
+    adapt_rate: float = 0.05
 
     def validate(self) -> None:
         _require(0.0 <= self.skip_ratio < 1.0, "skip_ratio", "must be in [0, 1)")
@@ -110,6 +134,9 @@ class BehaviorConfig:
         _require(self.protect_last >= 0, "protect_last", "must be >= 0")
         _require(self.schedule != "fixed" or len(self.layers) > 0, "layers", 'must list layer indices when schedule = "fixed"')
         _require(len(set(self.layers)) == len(self.layers), "layers", "must not repeat a layer")
+        _require(0.0 <= self.min_ratio <= self.max_ratio < 1.0, "min_ratio", "and max_ratio must satisfy 0 <= min_ratio <= max_ratio < 1")
+        _require(0.0 < self.target_ess <= 1.0, "target_ess", "must be in (0, 1]")
+        _require(self.adapt_rate > 0.0, "adapt_rate", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -207,9 +234,12 @@ class CheckpointConfig:
     every: int = 50
     # "latest": continue from the run's last checkpoint when one exists (same as --resume).
     resume: Literal["never", "latest"] = "never"
+    # Checkpoints kept on disk (older ones are deleted); checkpoint-last always points at the newest.
+    keep_last: int = 3
 
     def validate(self) -> None:
         _require(self.every >= 0, "every", "must be >= 0")
+        _require(self.keep_last >= 1, "keep_last", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -246,6 +276,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

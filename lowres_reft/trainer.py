@@ -181,9 +181,10 @@ class StopFlag:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def run_eval(policy: Policy, recipe: Recipe, problems, prompts, eos_ids, step: int, run_dir: Path, history: list) -> EvalResult:
+def run_eval(policy: Policy, recipe: Recipe, problems, prompts, eos_ids, step: int, run_dir: Path, history: list,
+             label: str = "") -> EvalResult:
     result = evaluate(policy.model, policy.tokenizer, problems, prompts, eos_ids, recipe.eval.max_new_tokens, recipe.eval.batch_size)
-    history.append({"step": step, "accuracy": result.accuracy, "n": result.n})
+    history.append({"step": step, "label": label or f"step_{step}", "accuracy": result.accuracy, "n": result.n})
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps({"history": history, "last_predictions": result.predictions[:50]}, indent=1))
     tmp.replace(run_dir / "eval.json")
@@ -228,12 +229,21 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
         state["skip_schedule"] = schedule.state_dict()
         rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
         return save_checkpoint(run_dir, step, policy.model, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                               rng, state, recipe_text)
+                               rng, state, recipe_text, keep_last=recipe.checkpoint.keep_last)
 
-    if state["step"] == 0 and recipe.eval.before_training:
-        result = run_eval(policy, recipe, eval_problems, eval_prompts, eos_ids, 0, run_dir, state["eval_history"])
-        metrics.write({"step": 0, "stage": "eval", "eval_accuracy": result.accuracy, "eval_n": result.n})
-        log(f"eval before training: accuracy {result.accuracy:.3f} on {result.n} problems")
+    if state["step"] == 0:
+        evals = [("before_training", recipe.eval.before_training)]
+        if recipe.warmup.steps > 0:
+            evals.append(("after_warmup", True))
+        for label, wanted in evals:
+            if label == "after_warmup":
+                from lowres_reft.warmup import run_warmup
+
+                run_warmup(policy, recipe, train_problems, metrics, log)
+            if wanted:
+                result = run_eval(policy, recipe, eval_problems, eval_prompts, eos_ids, 0, run_dir, state["eval_history"], label)
+                metrics.write({"step": 0, "stage": "eval", "label": label, "eval_accuracy": result.accuracy, "eval_n": result.n})
+                log(f"eval {label.replace('_', ' ')}: accuracy {result.accuracy:.3f} on {result.n} problems")
     progress = Progress(cfg.steps, state["step"], recipe.log.progress)
     stop = StopFlag()
     step = state["step"]
@@ -285,8 +295,8 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     finally:
         stop.restore()
         progress.close()
-    result = run_eval(policy, recipe, eval_problems, eval_prompts, eos_ids, step, run_dir, state["eval_history"])
-    metrics.write({"step": step, "stage": "eval", "eval_accuracy": result.accuracy, "eval_n": result.n})
+    result = run_eval(policy, recipe, eval_problems, eval_prompts, eos_ids, step, run_dir, state["eval_history"], "final")
+    metrics.write({"step": step, "stage": "eval", "label": "final", "eval_accuracy": result.accuracy, "eval_n": result.n})
     path = checkpoint(step)
     log(summary(state["eval_history"], run_dir / "metrics.jsonl", path))
     return run_dir
@@ -331,7 +341,7 @@ def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad
 
 
 def summary(history: list[dict], metrics_path: Path, checkpoint: Path) -> str:
-    lines = ["", "  step | eval accuracy", "  -----+--------------"]
-    lines += [f"  {h['step']:>4} | {h['accuracy']:.3f} (n={h['n']})" for h in history]
+    lines = ["", "  step | eval           | accuracy", "  -----+----------------+---------"]
+    lines += [f"  {h['step']:>4} | {h['label']:<14} | {h['accuracy']:.3f} (n={h['n']})" for h in history]
     lines += [f"  metrics: {metrics_path}", f"  checkpoint: {checkpoint}"]
     return "\n".join(lines)
