@@ -399,11 +399,24 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.steps=20")
     dotted, raw = text.split("=", 1)
     section, key = dotted.strip().split(".", 1)
+    section, key, raw = section.strip(), key.strip(), raw.strip()
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return section, key.strip(), value
+        value = raw
+    if not isinstance(value, str) and _wants_string(section, key):
+        value = raw  # --set log.run_name=nan means the name "nan", not a float
+    return section, key, value
+
+
+def _wants_string(section: str, key: str) -> bool:
+    section_cls = typing.get_type_hints(Recipe).get(section)
+    if section_cls is None or not dataclasses.is_dataclass(section_cls):
+        return False
+    tp = typing.get_type_hints(section_cls).get(key)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp is str or typing.get_origin(tp) is Literal
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
