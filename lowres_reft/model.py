@@ -140,24 +140,20 @@ def load_policy(
 ) -> Policy:
     """Tokenizer + frozen base + LoRA (fresh, or loaded from `adapter_dir`). Adapter params require grad."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model
 
     device = resolve_device(model_cfg)
     name_or_path = model_path(model_cfg, cache_dir)
     tokenizer = load_tokenizer(name_or_path, model_cfg)
     base = load_base_model(model_cfg, name_or_path, device)
-    if model_cfg.load_in_4bit:
-        base = prepare_model_for_kbit_training(
-            base,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    else:
-        for param in base.parameters():
-            param.requires_grad_(False)
-        if gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            base.enable_input_require_grads()
+    # Not peft's prepare_model_for_kbit_training: it upcasts every non-quantized tensor (embeddings, norms, LM head)
+    # to float32, which makes the residual stream, activations and KV cache float32 too (2x memory and bandwidth).
+    # The base stays in the compute dtype; only the LoRA adapters (float32, peft's default) train.
+    for param in base.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
     else:

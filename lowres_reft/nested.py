@@ -58,6 +58,9 @@ class SkipSchedule:
             self.fixed = tuple(sorted(layers))
         self.rng = random.Random(seed)
 
+    def set_ratio(self, skip_ratio: float) -> None:
+        self.skip_ratio = skip_ratio
+
     def draw(self) -> tuple[int, ...]:
         if self.schedule == "fixed":
             return self.fixed
@@ -70,11 +73,21 @@ class SkipSchedule:
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss]}
+        return {"rng": [version, list(internal), gauss], "skip_ratio": self.skip_ratio}
 
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self.skip_ratio = state.get("skip_ratio", self.skip_ratio)
+
+
+def adapt_skip_ratio(ratio: float, ess: float, target_ess: float, rate: float, min_ratio: float, max_ratio: float) -> float:
+    """Adaptive schedule (beyond the paper): skip more layers while the sequence-weight ESS is above target
+    (rollouts are still close enough to on-policy), fewer when it falls below; clamped to [min_ratio, max_ratio]."""
+    if ess != ess:  # NaN (no tokens): keep the ratio
+        return ratio
+    step = rate if ess > target_ess else -rate
+    return min(max_ratio, max(min_ratio, ratio + step))
 
 
 @contextmanager

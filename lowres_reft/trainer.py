@@ -11,6 +11,7 @@ import random
 import resource
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,12 @@ from lowres_reft.checkpoint import latest_good_checkpoint, list_checkpoints, loa
 from lowres_reft.config import LossConfig, Recipe, recipe_to_toml
 from lowres_reft.data import Problem, format_prompt, load_problems
 from lowres_reft.errors import UsageError
-from lowres_reft.evaluate import EvalResult, decode_completions, evaluate
+from lowres_reft.evaluate import decode_completions, evaluate
 from lowres_reft.logprobs import completion_logp
+from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.metrics import MetricsLog, Progress
 from lowres_reft.model import Policy, load_policy
-from lowres_reft.nested import SkipSchedule
+from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
 from lowres_reft.rewards import score
 from lowres_reft.rollout import RolloutBatch, sample
 
@@ -110,11 +112,15 @@ def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: li
 
 
 def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, temperature: float, micro: int,
-                         max_new_tokens: int, scale: float, old_logp: torch.Tensor | None) -> dict:
-    """Backward of the batch's loss (times `scale`), micro-batch by micro-batch. Returns logp (detached) + stats."""
+                         max_new_tokens: int, scale: float, old_logp: torch.Tensor | None, totals: dict | None = None) -> dict:
+    """Backward of the batch's loss (times `scale`), micro-batch by micro-batch. Returns logp (detached) + stats.
+
+    `totals` are the aggregation normalizers (default: this batch's own token and sequence counts).
+    """
     r = batch.rollout
     mask = r.completion_mask
-    totals = dict(total_tokens=max(1, int(mask.sum().item())), total_seqs=mask.shape[0], max_new_tokens=max_new_tokens)
+    if totals is None:
+        totals = dict(total_tokens=max(1, int(mask.sum().item())), total_seqs=mask.shape[0], max_new_tokens=max_new_tokens)
     logps, losses, kls, clipped, finite = [], 0.0, 0.0, 0.0, True
     for lo in range(0, mask.shape[0], micro):
         sl = slice(lo, lo + micro)
@@ -181,130 +187,188 @@ class StopFlag:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def run_eval(policy: Policy, recipe: Recipe, problems, prompts, eos_ids, step: int, run_dir: Path, history: list,
-             label: str = "") -> EvalResult:
-    result = evaluate(policy.model, policy.tokenizer, problems, prompts, eos_ids, recipe.eval.max_new_tokens, recipe.eval.batch_size)
-    history.append({"step": step, "label": label or f"step_{step}", "accuracy": result.accuracy, "n": result.n})
-    tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps({"history": history, "last_predictions": result.predictions[:50]}, indent=1))
-    tmp.replace(run_dir / "eval.json")
-    return result
-
-
 def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     """Run the recipe. Returns the run directory (metrics.jsonl, eval.json, checkpoint-*)."""
+    ctx = init_distributed()
+    say = log if ctx.is_main else (lambda *a, **k: None)
     resume = resume or recipe.checkpoint.resume == "latest"
-    run_dir = prepare_run_dir(recipe, resume)
-    ckpt = latest_good_checkpoint(run_dir, warn=log) if resume else None
+    run_dir = prepare_run_dir(recipe, resume) if ctx.is_main else Path(recipe.log.output_dir) / recipe.run_name
+    barrier(ctx)
+    ckpt = latest_good_checkpoint(run_dir, warn=say) if resume else None
     if resume and ckpt is None:
-        log(f"no checkpoint in {run_dir} to resume from; starting from step 0")
-    torch.manual_seed(recipe.train.seed)
+        say(f"no checkpoint in {run_dir} to resume from; starting from step 0")
+    cfg, beh = recipe.train, recipe.behavior
+    if recipe.rollout.prompts_per_step % ctx.world:
+        raise UsageError(f"[rollout] prompts_per_step = {recipe.rollout.prompts_per_step} must be a multiple of the {ctx.world} processes")
+    torch.manual_seed(cfg.seed)
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, adapter_dir=ckpt / "adapter" if ckpt else None,
-                         gradient_checkpointing=recipe.train.gradient_checkpointing, seed=recipe.train.seed)
-    log(f"model {recipe.model.name}: {policy.trainable_params:,} trainable / {policy.total_params:,} total parameters "
-        f"({100 * policy.trainable_params / policy.total_params:.2f}%), {policy.num_layers} layers, device {policy.device}")
+                         gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+    say(f"model {recipe.model.name}: {policy.trainable_params:,} trainable / {policy.total_params:,} total parameters "
+        f"({100 * policy.trainable_params / policy.total_params:.2f}%), {policy.num_layers} layers, device {policy.device}"
+        + (f", {ctx.world} processes" if ctx.enabled else ""))
     train_problems, eval_problems = load_problems(recipe.data, "train"), load_problems(recipe.data, "eval")
     train_prompts = encode_prompts(policy.tokenizer, train_problems, recipe)
-    eval_prompts = encode_prompts(policy.tokenizer, eval_problems, recipe)
     eos_ids = eos_token_ids(policy)
-    beh, cfg = recipe.behavior, recipe.train
-    schedule = SkipSchedule(policy.num_layers, beh.skip_ratio, beh.protect_first, beh.protect_last, beh.schedule, beh.layers, cfg.seed)
-    optimizer = build_optimizer(policy, recipe, log)
+    adaptive = beh.schedule == "adaptive"  # random skip sets whose ratio is adjusted after each step
+    start_ratio = min(beh.max_ratio, max(beh.min_ratio, beh.skip_ratio)) if adaptive else beh.skip_ratio
+    schedule = SkipSchedule(policy.num_layers, start_ratio, beh.protect_first, beh.protect_last,
+                            "random" if adaptive else beh.schedule, beh.layers, cfg.seed + 7919 * ctx.rank)
+    optimizer = build_optimizer(policy, recipe, say)
     total_updates = cfg.steps * recipe.loss.updates_per_batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, total_updates, cfg.warmup_steps, cfg.lr_schedule))
-    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + 7919 * ctx.rank)
     state = {"step": 0, "skipped_updates": 0, "eval_history": []}
     if ckpt is not None:
         opt_state, rng, state = load_trainer_files(ckpt)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-        schedule.load_state_dict(state["skip_schedule"])
+        schedule.load_state_dict(state["skip_schedule"][ctx.rank])
         torch.set_rng_state(rng["torch"])
-        generator.set_state(rng["generator"])
-        log(f"resumed from {ckpt} at step {state['step']}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if ckpt else None)
-    recipe_text = recipe_to_toml(recipe)
+        generator.set_state(rng[f"generator_{ctx.rank}"])
+        say(f"resumed from {ckpt} at step {state['step']}")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if ckpt else None) if ctx.is_main else NullLog()
+    evaluator = Evaluator(policy, recipe, eval_problems, encode_prompts(policy.tokenizer, eval_problems, recipe), eos_ids,
+                          run_dir, state["eval_history"], metrics, ctx)
 
-    def checkpoint(step: int) -> Path:
-        state["skip_schedule"] = schedule.state_dict()
-        rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-        return save_checkpoint(run_dir, step, policy.model, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                               rng, state, recipe_text, keep_last=recipe.checkpoint.keep_last)
+    def checkpoint(step: int) -> Path | None:
+        state["skip_schedule"] = gather_objects(schedule.state_dict(), ctx)
+        generators = gather_objects(generator.get_state(), ctx)
+        path = None
+        if ctx.is_main:
+            rng = {"torch": torch.get_rng_state(), **{f"generator_{r}": g for r, g in enumerate(generators)}}
+            path = save_checkpoint(run_dir, step, policy.model, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                                   rng, state, recipe_to_toml(recipe), keep_last=recipe.checkpoint.keep_last)
+        barrier(ctx)
+        return path
 
     if state["step"] == 0:
-        evals = [("before_training", recipe.eval.before_training)]
+        if recipe.eval.before_training:
+            evaluator(0, "before_training", say)
         if recipe.warmup.steps > 0:
-            evals.append(("after_warmup", True))
-        for label, wanted in evals:
-            if label == "after_warmup":
-                from lowres_reft.warmup import run_warmup
+            from lowres_reft.warmup import run_warmup
 
-                run_warmup(policy, recipe, train_problems, metrics, log)
-            if wanted:
-                result = run_eval(policy, recipe, eval_problems, eval_prompts, eos_ids, 0, run_dir, state["eval_history"], label)
-                metrics.write({"step": 0, "stage": "eval", "label": label, "eval_accuracy": result.accuracy, "eval_n": result.n})
-                log(f"eval {label.replace('_', ' ')}: accuracy {result.accuracy:.3f} on {result.n} problems")
-    progress = Progress(cfg.steps, state["step"], recipe.log.progress)
+            run_warmup(policy, recipe, train_problems, metrics, say)
+            evaluator(0, "after_warmup", say)
+    progress = Progress(cfg.steps, state["step"], recipe.log.progress if ctx.is_main else "none")
     stop = StopFlag()
     step = state["step"]
+    params = [p for p in policy.model.parameters() if p.requires_grad]
     try:
         for step in range(state["step"] + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             if policy.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(policy.device)
-            # 1. Rollouts: grad_accum batches, each from a freshly drawn nested model (an ensemble of behaviors).
+            # 1. Rollouts: grad_accum batches (this process's shard of each), each from a freshly drawn nested model.
             batches = [
-                collect(policy, recipe, train_problems, train_prompts, prompt_indices(step, a, recipe, len(train_prompts)),
-                        schedule.draw(), generator, eos_ids)
+                collect_or_explain(policy, recipe, train_problems, train_prompts,
+                                   prompt_indices(step, a, recipe, len(train_prompts))[ctx.rank :: ctx.world],
+                                   schedule.draw(), generator, eos_ids)
                 for a in range(cfg.grad_accum)
             ]
+            totals = [global_totals(b, recipe, ctx) for b in batches]
             # 2. Updates: the corrected GRPO loss, clipped against the first update's log-probs when repeated.
             old_logps: list[torch.Tensor | None] = [None] * len(batches)
             for update in range(recipe.loss.updates_per_batch):
                 results = []
                 for i, batch in enumerate(batches):
                     res = accumulate_gradients(policy, batch, recipe.loss, recipe.rollout.temperature, cfg.micro_batch_size,
-                                               recipe.rollout.max_new_tokens, 1.0 / len(batches), old_logps[i])
-                    old_logps[i] = old_logps[i] if old_logps[i] is not None else res["logp"]
+                                               recipe.rollout.max_new_tokens, 1.0 / len(batches), old_logps[i], totals[i])
+                    old_logps[i] = res["logp"] if old_logps[i] is None else old_logps[i]
                     results.append(res)
-                params = [p for p in policy.model.parameters() if p.requires_grad]
+                sum_gradients(params, ctx)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                stepped = all(r["finite"] for r in results) and math.isfinite(grad_norm)
+                all_finite = all_max(0.0 if all(r["finite"] for r in results) else 1.0, ctx) == 0.0
+                stepped = all_finite and math.isfinite(grad_norm)
                 if stepped:
                     optimizer.step()
                 else:
                     state["skipped_updates"] += 1
                 optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            # 3. Log.
-            record = step_record(step, batches, results, grad_norm, stepped, state, scheduler, policy, t0)
+                with warnings.catch_warnings():  # the schedule advances per update, applied or skipped
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
+            # 3. Log (reduced over processes), adapt the skip ratio, evaluate, checkpoint.
+            record = merge_records(gather_objects(step_record(step, batches, results, grad_norm, stepped, state, scheduler,
+                                                              policy, t0, schedule.skip_ratio), ctx))
+            if ctx.enabled:  # every process must hold the same adapters after the synchronized update
+                prints = gather_objects(adapter_fingerprint(params), ctx)
+                record["adapters_in_sync"] = all(p == prints[0] for p in prints)
             metrics.write(record)
             progress.update(record)
+            if adaptive:
+                schedule.set_ratio(adapt_skip_ratio(schedule.skip_ratio, record["ess"], beh.target_ess, beh.adapt_rate,
+                                                    beh.min_ratio, beh.max_ratio))
             if recipe.eval.every and step % recipe.eval.every == 0 and step < cfg.steps:
-                result = run_eval(policy, recipe, eval_problems, eval_prompts, eos_ids, step, run_dir, state["eval_history"])
-                metrics.write({"step": step, "stage": "eval", "eval_accuracy": result.accuracy, "eval_n": result.n})
-                progress.message(f"step {step}: eval accuracy {result.accuracy:.3f}")
+                evaluator(step, f"step_{step}", progress.message)
             state["step"] = step
             if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < cfg.steps:
                 checkpoint(step)
-            if stop.requested:
+            if all_max(float(stop.requested), ctx) > 0:
                 path = checkpoint(step)
                 progress.close()
-                log(f"stopped at step {step}; checkpoint {path}; continue with --resume")
+                say(f"stopped at step {step}; checkpoint {path}; continue with --resume")
                 raise KeyboardInterrupt
     finally:
         stop.restore()
         progress.close()
-    result = run_eval(policy, recipe, eval_problems, eval_prompts, eos_ids, step, run_dir, state["eval_history"], "final")
-    metrics.write({"step": step, "stage": "eval", "label": "final", "eval_accuracy": result.accuracy, "eval_n": result.n})
+    evaluator(step, "final", say)
     path = checkpoint(step)
-    log(summary(state["eval_history"], run_dir / "metrics.jsonl", path))
+    if ctx.is_main:
+        say(summary(state["eval_history"], run_dir / "metrics.jsonl", path))
     return run_dir
 
 
+class NullLog:
+    """Metrics sink of the non-main processes."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+
+class Evaluator:
+    """Greedy accuracy of the full model, sharded over processes; rank 0 writes eval.json and a metrics line."""
+
+    def __init__(self, policy, recipe, problems, prompts, eos_ids, run_dir, history, metrics, ctx) -> None:
+        self.policy, self.recipe, self.problems, self.prompts, self.eos_ids = policy, recipe, problems, prompts, eos_ids
+        self.run_dir, self.history, self.metrics, self.ctx = run_dir, history, metrics, ctx
+
+    def __call__(self, step: int, label: str, say) -> float:
+        ctx, r, w = self.ctx, self.ctx.rank, self.ctx.world
+        result = evaluate(self.policy.model, self.policy.tokenizer, self.problems[r::w], self.prompts[r::w], self.eos_ids,
+                          self.recipe.eval.max_new_tokens, self.recipe.eval.batch_size)
+        predictions = [p for shard in gather_objects(result.predictions, ctx) for p in shard]
+        n = len(predictions)
+        accuracy = sum(p["correct"] for p in predictions) / max(n, 1)
+        if ctx.is_main:
+            self.history.append({"step": step, "label": label, "accuracy": accuracy, "n": n})
+            tmp = self.run_dir / "eval.json.tmp"
+            tmp.write_text(json.dumps({"history": self.history, "last_predictions": predictions[:50]}, indent=1))
+            tmp.replace(self.run_dir / "eval.json")
+            self.metrics.write({"step": step, "stage": "eval", "label": label, "eval_accuracy": accuracy, "eval_n": n})
+            say(f"eval {label.replace('_', ' ')}: accuracy {accuracy:.3f} on {n} problems")
+        return accuracy
+
+
+def collect_or_explain(policy: Policy, recipe: Recipe, *args) -> ScoredBatch:
+    try:
+        return collect(policy, recipe, *args)
+    except torch.cuda.OutOfMemoryError:
+        r = recipe.rollout
+        raise UsageError(
+            f"out of GPU memory while generating {r.prompts_per_step}x{r.group_size} rollouts of up to {r.max_new_tokens} "
+            "tokens; lower [rollout] micro_batch (sequences generated at once), max_new_tokens or group_size"
+        ) from None
+
+
+def global_totals(batch: ScoredBatch, recipe: Recipe, ctx: Dist) -> dict:
+    """Loss normalizers over the whole global batch (all processes), so sharding does not change the update."""
+    tokens, seqs = all_sum([float(batch.rollout.completion_mask.sum()), float(batch.rollout.completion_mask.shape[0])], ctx)
+    return dict(total_tokens=max(1, int(tokens)), total_seqs=int(seqs), max_new_tokens=recipe.rollout.max_new_tokens)
+
+
 def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad_norm: float, stepped: bool,
-                state: dict, scheduler, policy: Policy, t0: float) -> dict:
-    rewards = torch.cat([b.rewards for b in batches])
+                state: dict, scheduler, policy: Policy, t0: float, skip_ratio: float) -> dict:
+    """This process's metrics for one step (merged over processes by merge_records)."""
     tokens = sum(b.rollout.num_tokens for b in batches)
     seconds = sum(b.rollout.seconds for b in batches)
     lengths = torch.cat([b.rollout.completion_mask.sum(1) for b in batches])
@@ -312,14 +376,14 @@ def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad
     return {
         "step": step,
         "stage": "rl",
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-        "rollout_accuracy": sum(sum(b.correct) for b in batches) / rewards.numel(),
+        "rewards": torch.cat([b.rewards for b in batches]).tolist(),  # replaced by reward_mean/std when merged
+        "correct": sum(sum(b.correct) for b in batches),
         "rollout_tokens": tokens,
         "rollout_seconds": seconds,
         "rollout_tokens_per_s": tokens / max(seconds, 1e-9),
         "mean_completion_len": float(lengths.float().mean()),
         "truncated_frac": float(torch.cat([b.rollout.truncated for b in batches]).float().mean()),
+        "skip_ratio": skip_ratio,
         "skip_set": list(batches[0].rollout.skip),
         "skip_sets": [list(b.rollout.skip) for b in batches],
         "rho_mean": mean("rho_mean"),
@@ -328,7 +392,7 @@ def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad
         "is_truncated_frac": mean("is_truncated_frac"),
         "ess": mean("ess"),
         "trace_mean": mean("trace_mean"),
-        "loss": mean("loss"),
+        "loss": mean("loss"),  # this process's share of the global-normalized loss; summed over processes
         "clip_frac": mean("clip_frac"),
         "kl": mean("kl"),
         "grad_norm": grad_norm,
@@ -338,6 +402,38 @@ def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad
         "peak_mem_mb": peak_memory_mb(policy.device),
         "step_seconds": time.perf_counter() - t0,
     }
+
+
+# How per-process values combine: sums (losses are already normalized by global counts), extremes, or means.
+_SUMMED = {"rollout_tokens", "rollout_tokens_per_s", "loss", "kl", "correct"}
+_MIN, _MAX = {"rho_min"}, {"rho_max", "peak_mem_mb", "step_seconds", "rollout_seconds"}
+_SAME = {"step", "stage", "grad_norm", "update_skipped", "skipped_updates", "lr", "skip_ratio"}
+
+
+def merge_records(records: list[dict]) -> dict:
+    """One metrics line from every process's step_record: tokens/s summed, rewards averaged, skip sets listed."""
+    first = records[0]
+    rewards = torch.tensor([x for r in records for x in r["rewards"]])
+    merged = {"step": first["step"], "stage": first["stage"], "reward_mean": float(rewards.mean()),
+              "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+              "rollout_accuracy": sum(r["correct"] for r in records) / rewards.numel()}
+    for key, value in first.items():
+        if key in merged or key in ("rewards", "correct"):
+            continue
+        values = [r[key] for r in records]
+        if key in ("skip_set", "skip_sets"):
+            merged[key] = value if len(records) == 1 else values  # per process: an ensemble of nested models
+        elif key in _SAME:
+            merged[key] = value
+        elif key in _SUMMED:
+            merged[key] = sum(values)
+        elif key in _MIN:
+            merged[key] = min(values)
+        elif key in _MAX:
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged
 
 
 def summary(history: list[dict], metrics_path: Path, checkpoint: Path) -> str:
