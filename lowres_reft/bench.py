@@ -409,8 +409,21 @@ def _report(command: str, device, config: dict, summary: dict, results: list[dic
     }
 
 
-def _write_json(report: dict, path: str | None) -> None:
+def dumps(obj: Any, level: int = 0) -> str:
+    """JSON with one key per line, but lists of scalars (and dicts of scalars) kept on one line."""
     import json
+
+    pad, inner = " " * level, " " * (level + 1)
+    scalar = (str, int, float, bool, type(None))
+    if isinstance(obj, dict) and obj and not all(isinstance(v, scalar) for v in obj.values()):
+        items = [f"{inner}{json.dumps(k)}: {dumps(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list) and obj and not all(isinstance(v, scalar) for v in obj):
+        return "[\n" + ",\n".join(inner + dumps(v, level + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+def _write_json(report: dict, path: str | None) -> None:
     import os
 
     from lowres_reft.metrics import _clean
@@ -420,7 +433,7 @@ def _write_json(report: dict, path: str | None) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_clean(report), indent=1) + "\n")
+    tmp.write_text(dumps(_clean(report)) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
 
@@ -680,7 +693,7 @@ def _rollout_table(report: dict) -> str:
             f"{_fmt(row['roofline_fraction'], '.3f'):>8} {_fmt_bytes(row['peak_gpu_mem_bytes']):>9}")
     s = report["summary"]
     lines.append(f"t_other {s['t_other_s']:.4f}s ({100 * s['t_other_share']:.1f}% of r=0), t_layers {s['t_layers_s']:.4f}s; "
-                 f"ours r=0 vs generate: {_fmt(s['ours_r0_speedup_vs_generate'], '.3f')}x; "
+                 f"ours r=0 vs generate: {_fmt(s['ours_r0_speedup_vs_generate'], '.3f')} (time ratio generate/ours); "
                  f"max RSS {_fmt_bytes(s['max_rss_bytes'])}; device {report['device']['name']}")
     return "\n".join(lines)
 

@@ -62,6 +62,12 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as err:  # disk full, quota, permissions: the previous checkpoint stays the newest complete one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(
+            f"could not write checkpoint {final} ({err.strerror or err}); free disk space or set [log] output_dir "
+            f"(the previous checkpoint is intact)"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,8 @@ class ModelConfig:
     load_in_4bit: bool = True
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
+    # Storage dtype of the packed 4-bit weights; FSDP-QLoRA needs a float storage (e.g. "bfloat16") to shard them.
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     trust_remote_code: bool = False
     # "auto": CUDA when available, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"

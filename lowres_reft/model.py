@@ -50,12 +50,17 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 def model_path(cfg: ModelConfig, cache_dir: str | Path) -> str:
     """The name/path handed to from_pretrained (building the builtin tiny model when asked for)."""
+    check_model_name(cfg)
     if cfg.name == TINY_NAME:
         return str(ensure_tiny_model(Path(cache_dir) / "_builtin", cfg.tiny_layers, cfg.tiny_hidden))
+    return cfg.name
+
+
+def check_model_name(cfg: ModelConfig) -> None:
+    """Fail fast (before anything is written or downloaded) on a local model path that does not exist."""
     looks_local = cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1
     if looks_local and not Path(cfg.name).expanduser().exists():
         raise UsageError(f"[model] name: local model path {cfg.name!r} does not exist")
-    return cfg.name
 
 
 def load_tokenizer(name_or_path: str, cfg: ModelConfig):
@@ -123,7 +128,7 @@ def load_base_model(cfg: ModelConfig, name_or_path: str, device: torch.device):
             bnb_4bit_quant_type=cfg.quant_type,
             bnb_4bit_use_double_quant=cfg.double_quant,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=torch.uint8 if cfg.quant_storage == "uint8" else _DTYPES[cfg.quant_storage],
         )
     model = _hub_call(lambda: AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs), name_or_path)
     disable_cpu_bf16_repack(model)

@@ -26,7 +26,7 @@ from lowres_reft.evaluate import decode_completions, evaluate
 from lowres_reft.logprobs import completion_logp
 from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.metrics import MetricsLog, Progress
-from lowres_reft.model import Policy, load_policy
+from lowres_reft.model import Policy, check_model_name, load_policy
 from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
 from lowres_reft.rewards import score
 from lowres_reft.rollout import RolloutBatch, sample
@@ -192,6 +192,8 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     ctx = init_distributed()
     say = log if ctx.is_main else (lambda *a, **k: None)
     resume = resume or recipe.checkpoint.resume == "latest"
+    check_model_name(recipe.model)  # fail on bad input before writing anything
+    train_problems, eval_problems = load_problems(recipe.data, "train"), load_problems(recipe.data, "eval")
     run_dir = prepare_run_dir(recipe, resume) if ctx.is_main else Path(recipe.log.output_dir) / recipe.run_name
     barrier(ctx)
     ckpt = latest_good_checkpoint(run_dir, warn=say) if resume else None
@@ -206,7 +208,6 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     say(f"model {recipe.model.name}: {policy.trainable_params:,} trainable / {policy.total_params:,} total parameters "
         f"({100 * policy.trainable_params / policy.total_params:.2f}%), {policy.num_layers} layers, device {policy.device}"
         + (f", {ctx.world} processes" if ctx.enabled else ""))
-    train_problems, eval_problems = load_problems(recipe.data, "train"), load_problems(recipe.data, "eval")
     train_prompts = encode_prompts(policy.tokenizer, train_problems, recipe)
     eos_ids = eos_token_ids(policy)
     adaptive = beh.schedule == "adaptive"  # random skip sets whose ratio is adjusted after each step

@@ -166,3 +166,17 @@ def test_every_recipe_validates():
     assert recipes
     for path in recipes:
         load_recipe(path)
+
+
+def test_dataset_without_answer_field_is_clear(tmp_path, capsys):
+    data = tmp_path / "noanswer.jsonl"
+    data.write_text('{"question": "What is 2+2?", "solution": "4"}\n')
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[model]\nname = "builtin:tiny"\ntiny_layers = 4\ntiny_hidden = 64\ndevice = "cpu"\ndtype = "float32"\n'
+        f'[data]\nname = "jsonl"\npath = "{data}"\n[log]\noutput_dir = "{tmp_path / "runs"}"\n'
+    )
+    code = main(["run", str(recipe)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "answer" in err, err
+    assert not list((tmp_path / "runs").glob("*/checkpoint-*")) and not list((tmp_path / "runs").glob("*/metrics.jsonl"))
