@@ -21,10 +21,10 @@ from lowres_reft import loss as L
 from lowres_reft.checkpoint import latest_good_checkpoint, list_checkpoints, load_trainer_files, save_checkpoint
 from lowres_reft.config import LossConfig, Recipe, recipe_to_toml
 from lowres_reft.data import Problem, format_prompt, load_problems
+from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.errors import UsageError
 from lowres_reft.evaluate import decode_completions, evaluate
 from lowres_reft.logprobs import completion_logp
-from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.metrics import MetricsLog, Progress
 from lowres_reft.model import Policy, check_model_name, load_policy
 from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
@@ -83,7 +83,7 @@ def lr_factor(update: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def build_optimizer(policy: Policy, recipe: Recipe, log=print) -> torch.optim.Optimizer:
-    params = [p for p in policy.model.parameters() if p.requires_grad]
+    params = trainable(policy)
     cfg = recipe.train
     if cfg.optimizer == "paged_adamw_8bit":
         if policy.device.type == "cuda":
@@ -148,6 +148,37 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
     all_logp = torch.cat(logps)
     stats = L.correction_weights(all_logp, r.behavior_logp, mask, cfg.correction, cfg.is_cap, cfg.retrace_lambda).stats
     return {"logp": all_logp, "loss": losses, "kl": kls, "clip_frac": clipped / totals["total_tokens"], "finite": finite, **stats}
+
+
+def trainable(policy: Policy) -> list[torch.nn.Parameter]:
+    return [p for p in policy.model.parameters() if p.requires_grad]
+
+
+def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], totals: list[dict], optimizer, scheduler,
+                  state: dict, ctx: Dist) -> tuple[list[dict], float, bool]:
+    """`updates_per_batch` optimizer updates on the step's rollout batches. Non-finite loss/grad: update skipped."""
+    params, cfg = trainable(policy), recipe.train
+    old_logps: list[torch.Tensor | None] = [None] * len(batches)
+    for _ in range(recipe.loss.updates_per_batch):
+        results = []
+        for i, batch in enumerate(batches):
+            res = accumulate_gradients(policy, batch, recipe.loss, recipe.rollout.temperature, cfg.micro_batch_size,
+                                       recipe.rollout.max_new_tokens, 1.0 / len(batches), old_logps[i], totals[i])
+            old_logps[i] = res["logp"] if old_logps[i] is None else old_logps[i]
+            results.append(res)
+        sum_gradients(params, ctx)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        all_finite = all_max(0.0 if all(r["finite"] for r in results) else 1.0, ctx) == 0.0
+        stepped = all_finite and math.isfinite(grad_norm)
+        if stepped:
+            optimizer.step()
+        else:
+            state["skipped_updates"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # the schedule advances per update, applied or skipped
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+    return results, grad_norm, stepped
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
@@ -253,7 +284,6 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     progress = Progress(cfg.steps, state["step"], recipe.log.progress if ctx.is_main else "none")
     stop = StopFlag()
     step = state["step"]
-    params = [p for p in policy.model.parameters() if p.requires_grad]
     try:
         for step in range(state["step"] + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -267,32 +297,13 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
                 for a in range(cfg.grad_accum)
             ]
             totals = [global_totals(b, recipe, ctx) for b in batches]
-            # 2. Updates: the corrected GRPO loss, clipped against the first update's log-probs when repeated.
-            old_logps: list[torch.Tensor | None] = [None] * len(batches)
-            for update in range(recipe.loss.updates_per_batch):
-                results = []
-                for i, batch in enumerate(batches):
-                    res = accumulate_gradients(policy, batch, recipe.loss, recipe.rollout.temperature, cfg.micro_batch_size,
-                                               recipe.rollout.max_new_tokens, 1.0 / len(batches), old_logps[i], totals[i])
-                    old_logps[i] = res["logp"] if old_logps[i] is None else old_logps[i]
-                    results.append(res)
-                sum_gradients(params, ctx)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                all_finite = all_max(0.0 if all(r["finite"] for r in results) else 1.0, ctx) == 0.0
-                stepped = all_finite and math.isfinite(grad_norm)
-                if stepped:
-                    optimizer.step()
-                else:
-                    state["skipped_updates"] += 1
-                optimizer.zero_grad(set_to_none=True)
-                with warnings.catch_warnings():  # the schedule advances per update, applied or skipped
-                    warnings.simplefilter("ignore", UserWarning)
-                    scheduler.step()
+            # 2. Updates: the corrected GRPO loss (PPO-clipped against the first update's log-probs when repeated).
+            results, grad_norm, stepped = apply_updates(policy, recipe, batches, totals, optimizer, scheduler, state, ctx)
             # 3. Log (reduced over processes), adapt the skip ratio, evaluate, checkpoint.
             record = merge_records(gather_objects(step_record(step, batches, results, grad_norm, stepped, state, scheduler,
                                                               policy, t0, schedule.skip_ratio), ctx))
             if ctx.enabled:  # every process must hold the same adapters after the synchronized update
-                prints = gather_objects(adapter_fingerprint(params), ctx)
+                prints = gather_objects(adapter_fingerprint(trainable(policy)), ctx)
                 record["adapters_in_sync"] = all(p == prints[0] for p in prints)
             metrics.write(record)
             progress.update(record)
