@@ -50,7 +50,7 @@ class SkipSchedule:
         self.schedule = schedule
         self.valid = valid_layers(num_layers, protect_first, protect_last)
         if not self.valid and (skip_ratio > 0 or layers):
-            raise ValueError(f"protect_first + protect_last leaves no skippable layer out of {num_layers}")
+            raise ValueError(f"protect_first + protect_last leave no skippable layer out of the model's {num_layers}")
         if schedule == "fixed":
             bad = [i for i in layers if i not in self.valid]
             if bad:
@@ -61,15 +61,19 @@ class SkipSchedule:
     def set_ratio(self, skip_ratio: float) -> None:
         self.skip_ratio = skip_ratio
 
+    def check_ratio(self, skip_ratio: float) -> None:
+        count = num_skipped(self.num_layers, skip_ratio)
+        if count > len(self.valid):
+            raise ValueError(
+                f"skip ratio {skip_ratio} asks for {count} of {self.num_layers} layers but only {len(self.valid)} are "
+                "skippable (lower it, or protect_first/protect_last)"
+            )
+
     def draw(self) -> tuple[int, ...]:
         if self.schedule == "fixed":
             return self.fixed
-        count = num_skipped(self.num_layers, self.skip_ratio)
-        if count > len(self.valid):
-            raise ValueError(
-                f"skip_ratio {self.skip_ratio} asks for {count} layers but only {len(self.valid)} are skippable"
-            )
-        return tuple(sorted(self.rng.sample(self.valid, count)))
+        self.check_ratio(self.skip_ratio)
+        return tuple(sorted(self.rng.sample(self.valid, num_skipped(self.num_layers, self.skip_ratio))))
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()

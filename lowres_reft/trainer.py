@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
 import signal
@@ -181,15 +182,14 @@ def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], to
     return results, grad_norm, stepped
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
+def check_run_dir(recipe: Recipe, resume: bool) -> Path:
+    """The run directory, checked (writable, not clobbering a run) without creating anything yet."""
     run_dir = Path(recipe.log.output_dir) / recipe.run_name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{id(run_dir)}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"output directory {run_dir} is not writable ({err.strerror}); set [log] output_dir") from None
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {run_dir} is not writable ({existing} is not a writable directory); set [log] output_dir")
     if not resume and list_checkpoints(run_dir):
         raise UsageError(f"{run_dir} already holds checkpoints: add --resume to continue it, or set [log] run_name to start a new run")
     return run_dir
@@ -225,8 +225,7 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     resume = resume or recipe.checkpoint.resume == "latest"
     check_model_name(recipe.model)  # fail on bad input before writing anything
     train_problems, eval_problems = load_problems(recipe.data, "train"), load_problems(recipe.data, "eval")
-    run_dir = prepare_run_dir(recipe, resume) if ctx.is_main else Path(recipe.log.output_dir) / recipe.run_name
-    barrier(ctx)
+    run_dir = check_run_dir(recipe, resume)
     ckpt = latest_good_checkpoint(run_dir, warn=say) if resume else None
     if resume and ckpt is None:
         say(f"no checkpoint in {run_dir} to resume from; starting from step 0")
@@ -243,8 +242,12 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     eos_ids = eos_token_ids(policy)
     adaptive = beh.schedule == "adaptive"  # random skip sets whose ratio is adjusted after each step
     start_ratio = min(beh.max_ratio, max(beh.min_ratio, beh.skip_ratio)) if adaptive else beh.skip_ratio
-    schedule = SkipSchedule(policy.num_layers, start_ratio, beh.protect_first, beh.protect_last,
-                            "random" if adaptive else beh.schedule, beh.layers, cfg.seed + 7919 * ctx.rank)
+    try:
+        schedule = SkipSchedule(policy.num_layers, start_ratio, beh.protect_first, beh.protect_last,
+                                "random" if adaptive else beh.schedule, beh.layers, cfg.seed + 7919 * ctx.rank)
+        schedule.check_ratio(beh.max_ratio if adaptive else start_ratio)
+    except ValueError as err:
+        raise UsageError(f"{recipe.source}: [behavior] {err}") from None
     optimizer = build_optimizer(policy, recipe, say)
     total_updates = cfg.steps * recipe.loss.updates_per_batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, total_updates, cfg.warmup_steps, cfg.lr_schedule))
@@ -258,6 +261,9 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
         torch.set_rng_state(rng["torch"])
         generator.set_state(rng[f"generator_{ctx.rank}"])
         say(f"resumed from {ckpt} at step {state['step']}")
+    if ctx.is_main:  # everything is validated and loaded: from here on the run writes its outputs
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if ckpt else None) if ctx.is_main else NullLog()
     evaluator = Evaluator(policy, recipe, eval_problems, encode_prompts(policy.tokenizer, eval_problems, recipe), eos_ids,
                           run_dir, state["eval_history"], metrics, ctx)
