@@ -21,6 +21,19 @@ def tiny_cache(tmp_path_factory):
     return root
 
 
+# `--set` overrides that shrink recipes/tiny-cpu.toml to a few seconds per step (no warm-up, tiny model, short texts).
+TINY_RUN_SETS = [
+    "model.tiny_layers=4", "model.tiny_hidden=64", "rollout.prompts_per_step=2", "rollout.group_size=4",
+    "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "data.max_eval_samples=4", "data.builtin_train_size=64",
+    "data.builtin_test_size=8", "lora.r=4", "warmup.steps=0",
+]
+
+
+def as_set_args(overrides) -> list[str]:
+    """["a.b=1", ...] -> ["--set", "a.b=1", ...]"""
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
 def tiny_model_cfg(**overrides) -> ModelConfig:
     values = dict(name=TINY_NAME, dtype="float32", device="cpu", tiny_layers=4, tiny_hidden=64)
     values.update(overrides)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN_SETS, as_set_args
 from safetensors.torch import load_file
 
 from lowres_reft.cli import main
@@ -17,15 +18,7 @@ from lowres_reft.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny-cpu.toml")
-SMALL = [
-    "model.tiny_layers=4", "model.tiny_hidden=64", "rollout.prompts_per_step=2", "rollout.group_size=4",
-    "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "data.max_eval_samples=4", "data.builtin_train_size=64",
-    "data.builtin_test_size=8", "lora.r=4", "log.progress=plain",
-]
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
+SMALL = TINY_RUN_SETS + ["log.progress=plain"]
 
 
 def _cli(*args, timeout=300):
@@ -47,15 +40,15 @@ def _run_inproc(capsys, *args):
 def test_run_resume_equals_uninterrupted_and_export(tmp_path, capsys):
     out = str(tmp_path / "runs")
     common = SMALL + [f"log.output_dir={out}", "checkpoint.every=2"]
-    code, stdout, err = _run_inproc(capsys, "run", TINY, *_sets(common + ["log.run_name=straight", "train.steps=4"]))
+    code, stdout, err = _run_inproc(capsys, "run", TINY, *as_set_args(common + ["log.run_name=straight", "train.steps=4"]))
     assert code == 0, err[-2000:]
     assert "trainable" in stdout and "step 4/4" in stdout
-    code, _, err = _run_inproc(capsys, "run", TINY, *_sets(common + ["log.run_name=split", "train.steps=2"]))
+    code, _, err = _run_inproc(capsys, "run", TINY, *as_set_args(common + ["log.run_name=split", "train.steps=2"]))
     assert code == 0, err[-2000:]
     # The same command again without --resume refuses to clobber the run.
-    code, _, err = _run_inproc(capsys, "run", TINY, *_sets(common + ["log.run_name=split", "train.steps=2"]))
+    code, _, err = _run_inproc(capsys, "run", TINY, *as_set_args(common + ["log.run_name=split", "train.steps=2"]))
     assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
-    code, stdout, err = _run_inproc(capsys, "run", TINY, "--resume", *_sets(common + ["log.run_name=split", "train.steps=4"]))
+    code, stdout, err = _run_inproc(capsys, "run", TINY, "--resume", *as_set_args(common + ["log.run_name=split", "train.steps=4"]))
     assert code == 0, err[-2000:]
     assert "resumed from" in stdout
 
@@ -89,7 +82,7 @@ def test_run_resume_equals_uninterrupted_and_export(tmp_path, capsys):
 
 def test_ctrl_c_saves_checkpoint_and_resume_continues(tmp_path):
     out = str(tmp_path / "runs")
-    args = ["run", TINY, *_sets(SMALL + [f"log.output_dir={out}", "log.run_name=intr", "train.steps=50", "checkpoint.every=0"])]
+    args = ["run", TINY, *as_set_args(SMALL + [f"log.output_dir={out}", "log.run_name=intr", "train.steps=50", "checkpoint.every=0"])]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "lowres_reft", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
@@ -105,7 +98,7 @@ def test_ctrl_c_saves_checkpoint_and_resume_continues(tmp_path):
     run = Path(out) / "intr"
     step = json.loads((run / "checkpoint-last" / "trainer_state.json").read_text())["step"]
     assert 1 <= step < 50
-    done = _cli("run", "--resume", TINY, *_sets(SMALL + [f"log.output_dir={out}", "log.run_name=intr", f"train.steps={step + 1}"]))
+    done = _cli("run", "--resume", TINY, *as_set_args(SMALL + [f"log.output_dir={out}", "log.run_name=intr", f"train.steps={step + 1}"]))
     assert done.returncode == 0, done.stderr[-2000:]
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["stage"] == "rl"]
     assert steps == list(range(1, step + 2))

@@ -3,15 +3,13 @@
 import json
 from pathlib import Path
 
+from conftest import TINY_RUN_SETS, as_set_args
+
 from lowres_reft.cli import main
 from lowres_reft.compare import aggregate, variants
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "model.tiny_layers=4", "model.tiny_hidden=64", "rollout.prompts_per_step=2", "rollout.group_size=4",
-    "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "data.max_eval_samples=4", "data.builtin_train_size=64",
-    "data.builtin_test_size=8", "lora.r=4", "warmup.steps=0", "train.steps=2", "eval.before_training=false",
-]
+SMALL = TINY_RUN_SETS + ["train.steps=2", "eval.before_training=false"]
 
 
 def test_variant_grid_runs_r0_once():
@@ -27,7 +25,7 @@ def test_aggregate_mean_std():
 def test_compare_cli_tiny(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", str(ROOT / "recipes" / "tiny-cpu.toml"), "--skip-ratios", "0,0.25", "--corrections", "retrace",
-            "--seeds", "0,1", "--out", str(out), *[a for s in SMALL + [f"log.output_dir={tmp_path}"] for a in ("--set", s)]]
+            "--seeds", "0,1", "--out", str(out), *as_set_args(SMALL + [f"log.output_dir={tmp_path}"])]
     assert main(args) == 0
     data = json.loads((out / "compare.json").read_text())
     assert [v["name"] for v in data["variants"]] == ["r=0 none", "r=0.25 retrace"]

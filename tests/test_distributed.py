@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from conftest import TINY_RUN_SETS, as_set_args
 
 from lowres_reft.metrics import read_metrics
 
@@ -21,13 +22,10 @@ def _free_port() -> int:
 
 
 def test_two_process_run_keeps_adapters_identical(tmp_path):
-    sets = ["model.tiny_layers=4", "model.tiny_hidden=64", "rollout.prompts_per_step=2", "rollout.group_size=4",
-            "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "data.max_eval_samples=4", "data.builtin_train_size=64",
-            "data.builtin_test_size=8", "lora.r=4", "log.progress=plain", f"log.output_dir={tmp_path}", "train.steps=2",
-            "warmup.steps=0", "log.run_name=ddp", "train.lr=0.01"]
+    sets = TINY_RUN_SETS + ["log.progress=plain", f"log.output_dir={tmp_path}", "train.steps=2", "log.run_name=ddp", "train.lr=0.01"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "lowres_reft", "run", str(ROOT / "recipes" / "tiny-cpu.toml")]
-    cmd += [a for s in sets for a in ("--set", s)]
+    cmd += as_set_args(sets)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,12 +52,11 @@ def _worker(rank, world, port, cache, batch, out):
 
 def _shard_gradients(cache, batch, rank, world):
     from conftest import randomize_lora, tiny_model_cfg
-    from lowres_reft.config import LoraConfig, LossConfig
+
+    from lowres_reft.config import LoraConfig, LossConfig, Recipe, RolloutConfig
     from lowres_reft.distributed import Dist, sum_gradients
     from lowres_reft.model import load_policy
     from lowres_reft.trainer import ScoredBatch, accumulate_gradients, global_totals
-
-    from lowres_reft.config import Recipe, RolloutConfig
 
     policy = load_policy(tiny_model_cfg(), LoraConfig(r=4, alpha=8, dropout=0.0), cache_dir=cache)
     randomize_lora(policy.model, 0)

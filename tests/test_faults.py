@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN_SETS, as_set_args
 
 from lowres_reft import checkpoint as ckpt_mod
 from lowres_reft import trainer
@@ -21,11 +22,7 @@ from lowres_reft.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny-cpu.toml"
-SMALL = [
-    "model.tiny_layers=4", "model.tiny_hidden=64", "rollout.prompts_per_step=2", "rollout.group_size=4",
-    "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "data.max_eval_samples=4", "data.builtin_train_size=64",
-    "data.builtin_test_size=8", "lora.r=4", "warmup.steps=0", "eval.before_training=false",
-]
+SMALL = TINY_RUN_SETS + ["eval.before_training=false"]
 
 
 def _recipe(tmp_path, *extra):
@@ -34,7 +31,7 @@ def _recipe(tmp_path, *extra):
 
 def test_sigkill_mid_run_then_resume_has_no_torn_or_duplicated_lines(tmp_path):
     sets = SMALL + [f"log.output_dir={tmp_path}", "log.run_name=kill", "log.progress=plain", "train.steps=40", "checkpoint.every=1"]
-    args = [sys.executable, "-m", "lowres_reft", "run", str(TINY), *[a for s in sets for a in ("--set", s)]]
+    args = [sys.executable, "-m", "lowres_reft", "run", str(TINY), *as_set_args(sets)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 300

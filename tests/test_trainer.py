@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN_SETS
 from safetensors.torch import load_file
 
 from lowres_reft import trainer
@@ -12,11 +13,7 @@ from lowres_reft.config import load_recipe
 from lowres_reft.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "model.tiny_layers=4", "model.tiny_hidden=64", "rollout.prompts_per_step=2", "rollout.group_size=4",
-    "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "data.max_eval_samples=4", "data.builtin_train_size=64",
-    "data.builtin_test_size=8", "lora.r=4", "log.progress=none", "warmup.steps=0",
-]
+SMALL = TINY_RUN_SETS + ["log.progress=none"]
 
 
 def _recipe(tmp_path, *extra):
