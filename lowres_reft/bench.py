@@ -32,8 +32,10 @@ are computed per repeat (numerator and denominator from the same repeat) and the
 
 `bench step`: a full training step with a recipe's sizes: rollouts (prompts_per_step x group_size sequences of
 exactly max_new_tokens, random prompt tokens, nested model with the recipe's skip schedule), random rewards
-(uniform, so group advantages are non-zero), `trainer.accumulate_gradients` (log-probs + loss + backward), then
-clip + optimizer + LR scheduler as `trainer.train` does. Time and peak memory per phase.
+(uniform, so group advantages are non-zero), then `trainer.apply_updates` (the trainer's own update: log-probs,
+loss, backward, clip, optimizer step, LR scheduler; `updates_per_batch` times). Phases: rollout; optimizer =
+`optimizer.step()` only, timed with the optimizer's step pre/post hooks; logprob_backward = the rest of
+`apply_updates` (log-probs, loss, backward, grad clipping, zero_grad, scheduler). Time and peak memory per phase.
 
 Peak memory: `torch.cuda.max_memory_allocated` (reset before every measured call) on CUDA, `null` on CPU;
 `max_rss_bytes` is the process's maximum resident set size so far (monotone, whole process, also on CUDA).
@@ -43,7 +45,6 @@ JSON: see BENCHMARKS.md (`schema_version` 1).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -341,12 +342,12 @@ def max_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
 
 
-def timed(fn: Callable[[], Any], device) -> tuple[float, int | None, Any]:
-    """(seconds, peak GPU bytes or None, result) of fn(), synchronized on CUDA."""
+def timed(fn: Callable[..., Any], device, *args: Any) -> tuple[float, int | None, Any]:
+    """(seconds, peak GPU bytes or None, result) of fn(*args), synchronized on CUDA."""
     _sync(device)
     _reset_peak(device)
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     _sync(device)
     return time.perf_counter() - start, _peak(device), out
 
@@ -713,11 +714,11 @@ def _run_step(args: argparse.Namespace) -> int:
 
     from lowres_reft import loss as loss_fn
     from lowres_reft.config import load_recipe
+    from lowres_reft.distributed import Dist
     from lowres_reft.model import load_policy, resolve_device
-    from lowres_reft.nested import SkipSchedule
-    from lowres_reft.rollout import sample
     from lowres_reft.tiny import TINY_NAME
-    from lowres_reft.trainer import ScoredBatch, accumulate_gradients, build_optimizer, lr_factor
+    from lowres_reft.trainer import (ScoredBatch, apply_updates, build_lr_scheduler, build_optimizer, build_skip_schedule,
+                                     global_totals, rollout_rows)
 
     recipe = load_recipe(args.recipe, args.overrides)
     shape = args.model_config
@@ -740,67 +741,69 @@ def _run_step(args: argparse.Namespace) -> int:
     model, num_layers = policy.model, policy.num_layers
     allocated_after_load = _allocated(device)
     ro, tr, beh = recipe.rollout, recipe.train, recipe.behavior
-    schedule = SkipSchedule(num_layers, beh.skip_ratio, beh.protect_first, beh.protect_last, beh.schedule, beh.layers, tr.seed)
+    schedule = build_skip_schedule(num_layers, recipe, tr.seed)
+    start_ratio = schedule.skip_ratio
     optimizer = build_optimizer(policy, recipe)
-    total_updates = (args.warmup + args.steps) * recipe.loss.updates_per_batch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda u: lr_factor(u, total_updates, tr.warmup_steps, tr.lr_schedule))
+    scheduler = build_lr_scheduler(optimizer, recipe, (args.warmup + args.steps) * recipe.loss.updates_per_batch)
     generator = torch.Generator(device=device).manual_seed(tr.seed)
     cpu_gen = torch.Generator().manual_seed(args.seed)
     vocab = model.get_base_model().config.vocab_size
     n_seq = ro.prompts_per_step * ro.group_size
-    pad_id = policy.tokenizer.pad_token_id
     print(f"bench step: {recipe.source}, {num_layers} layers, {tr.grad_accum} x {ro.prompts_per_step} prompts x "
-          f"{ro.group_size} completions x {ro.max_new_tokens} tokens, skip ratio {beh.skip_ratio}, micro-batch "
+          f"{ro.group_size} completions x {ro.max_new_tokens} tokens, skip ratio {start_ratio}, micro-batch "
           f"{tr.micro_batch_size}, {args.warmup} warm-up + {args.steps} steps on {device}", flush=True)
 
     def rollout_phase() -> list:
         batches = []
         for _ in range(tr.grad_accum):
             prompts = torch.randint(2, vocab, (ro.prompts_per_step, args.prompt_len), generator=cpu_gen).tolist()
-            rows = [p for p in prompts for _ in range(ro.group_size)]  # group-contiguous, as trainer.collect
-            rollout = sample(model, rows, max_new_tokens=ro.max_new_tokens, eos_ids=[-1], pad_id=pad_id,
-                             temperature=ro.temperature, top_p=ro.top_p, skip=schedule.draw(), generator=generator,
-                             micro_batch=ro.micro_batch)
+            rollout = rollout_rows(policy, recipe, prompts, schedule.draw(), generator, eos_ids=[-1])  # full length
             rewards = torch.rand(n_seq, generator=cpu_gen).to(rollout.completion_ids.device)
             advantages = loss_fn.group_advantages(rewards, ro.group_size, recipe.loss.advantage_scale,
                                                   recipe.loss.advantage_eps)
             batches.append(ScoredBatch(rollout, rewards, advantages, [False] * n_seq))
         return batches
 
+    class OptimizerClock:
+        """Times `optimizer.step()` (and its peak memory) inside `trainer.apply_updates` via the optimizer's step hooks."""
+
+        def __init__(self) -> None:
+            self.seconds, self.peak_before, self.peak, self._start = 0.0, None, None, 0.0
+            optimizer.register_step_pre_hook(self.pre)
+            optimizer.register_step_post_hook(self.post)
+
+        def reset(self) -> None:
+            self.seconds, self.peak_before, self.peak = 0.0, None, None
+
+        def pre(self, *_) -> None:
+            _sync(device)
+            self.peak_before = _max_opt(self.peak_before, _peak(device))  # the backward phase's peak so far
+            _reset_peak(device)
+            self._start = time.perf_counter()
+
+        def post(self, *_) -> None:
+            _sync(device)
+            self.seconds += time.perf_counter() - self._start
+            self.peak = _max_opt(self.peak, _peak(device))
+            _reset_peak(device)
+
+    clock = OptimizerClock()
+    state = {"skipped_updates": 0}
+    single = Dist()
+
+    def update_phase(batches: list) -> tuple:
+        totals = [global_totals(b, recipe, single) for b in batches]
+        return apply_updates(policy, recipe, batches, totals, optimizer, scheduler, state, single)
+
     results = []
     for index in range(args.warmup + args.steps):
         t_rollout, peak_rollout, batches = timed(rollout_phase, device)
-        t_backward = t_opt = 0.0
-        peak_backward = peak_opt = None
-        old_logps: list = [None] * len(batches)
-        loss_value = grad_norm = None
-        for _ in range(recipe.loss.updates_per_batch):
-            def backward_phase():
-                outs = []
-                for j, batch in enumerate(batches):
-                    res = accumulate_gradients(policy, batch, recipe.loss, ro.temperature, tr.micro_batch_size,
-                                               ro.max_new_tokens, 1.0 / len(batches), old_logps[j])
-                    old_logps[j] = old_logps[j] if old_logps[j] is not None else res["logp"]
-                    outs.append(res)
-                return outs
-
-            def optimizer_phase(outs):
-                params = [p for p in model.parameters() if p.requires_grad]
-                norm = float(torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm))
-                if all(r["finite"] for r in outs) and math.isfinite(norm):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                return norm
-
-            seconds, peak, outs = timed(backward_phase, device)
-            t_backward += seconds
-            peak_backward = _max_opt(peak_backward, peak)
-            seconds, peak, grad_norm = timed(lambda: optimizer_phase(outs), device)
-            t_opt += seconds
-            peak_opt = _max_opt(peak_opt, peak)
-            loss_value = sum(r["loss"] for r in outs) / len(outs)
+        clock.reset()
+        t_update, peak_rest, (outs, grad_norm, stepped) = timed(update_phase, device, batches)
+        t_opt, peak_opt = clock.seconds, clock.peak
+        t_backward = t_update - t_opt
+        peak_backward = _max_opt(clock.peak_before, peak_rest)
+        loss_value = sum(r["loss"] for r in outs) / len(outs)
         tokens = sum(b.rollout.num_tokens for b in batches)
         if index < args.warmup:
             continue
@@ -824,6 +827,7 @@ def _run_step(args: argparse.Namespace) -> int:
             "max_rss_bytes": max_rss_bytes(),
             "loss": loss_value,
             "grad_norm": grad_norm,
+            "update_skipped": not stepped,
         })
     phases = ("rollout_seconds", "logprob_backward_seconds", "optimizer_seconds", "step_seconds")
     summary = {f"median_{key}": median([row[key] for row in results]) for key in phases}
@@ -840,9 +844,9 @@ def _run_step(args: argparse.Namespace) -> int:
         "num_layers": num_layers, "load_in_4bit": recipe.model.load_in_4bit, "dtype": recipe.model.dtype,
         "device": str(device), "prompts_per_step": ro.prompts_per_step, "group_size": ro.group_size,
         "max_new_tokens": ro.max_new_tokens, "prompt_len": args.prompt_len, "rollout_micro_batch": ro.micro_batch,
-        "skip_ratio": beh.skip_ratio, "schedule": beh.schedule, "grad_accum": tr.grad_accum,
+        "skip_ratio": start_ratio, "schedule": beh.schedule, "grad_accum": tr.grad_accum,
         "micro_batch_size": tr.micro_batch_size, "gradient_checkpointing": tr.gradient_checkpointing,
-        "optimizer": tr.optimizer, "updates_per_batch": recipe.loss.updates_per_batch,
+        "optimizer": tr.optimizer, "optimizer_class": type(optimizer).__name__, "updates_per_batch": recipe.loss.updates_per_batch,
         "correction": recipe.loss.correction, "kl_beta": recipe.loss.kl_beta, "lora_r": recipe.lora.r,
         "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
         "trainable_params": policy.trainable_params, "total_params": policy.total_params,

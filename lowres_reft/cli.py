@@ -23,7 +23,9 @@ PLUGGED = {"eval": "lowres_reft.evalcmd", "bench": "lowres_reft.bench", "compare
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is first imported
+    if "datasets" in sys.modules:  # already imported (in-process callers): switch the bars off directly
+        sys.modules["datasets"].disable_progress_bars()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

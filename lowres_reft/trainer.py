@@ -95,18 +95,42 @@ def build_optimizer(policy: Policy, recipe: Recipe, log=print) -> torch.optim.Op
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def build_skip_schedule(num_layers: int, recipe: Recipe, seed: int) -> SkipSchedule:
+    """The behavior's skip-set schedule; "adaptive" = random sets whose ratio the loop adjusts after each step."""
+    beh = recipe.behavior
+    adaptive = beh.schedule == "adaptive"
+    start_ratio = min(beh.max_ratio, max(beh.min_ratio, beh.skip_ratio)) if adaptive else beh.skip_ratio
+    try:
+        schedule = SkipSchedule(num_layers, start_ratio, beh.protect_first, beh.protect_last,
+                                "random" if adaptive else beh.schedule, beh.layers, seed)
+        schedule.check_ratio(beh.max_ratio if adaptive else start_ratio)
+    except ValueError as err:
+        raise UsageError(f"{recipe.source}: [behavior] {err}") from None
+    return schedule
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_updates: int):
+    cfg = recipe.train
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, total_updates, cfg.warmup_steps, cfg.lr_schedule))
+
+
+def rollout_rows(policy: Policy, recipe: Recipe, prompts: list[list[int]], skip: tuple[int, ...],
+                 generator: torch.Generator, eos_ids: list[int]) -> RolloutBatch:
+    """G completions of each prompt, group-contiguous (the G completions of a prompt side by side)."""
+    r = recipe.rollout
+    rows = [p for p in prompts for _ in range(r.group_size)]
+    return sample(policy.model, rows, max_new_tokens=r.max_new_tokens, eos_ids=eos_ids, pad_id=policy.tokenizer.pad_token_id,
+                  temperature=r.temperature, top_p=r.top_p, skip=skip, generator=generator, micro_batch=r.micro_batch)
+
+
 def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: list[list[int]], indices: list[int],
             skip: tuple[int, ...], generator: torch.Generator, eos_ids: list[int]) -> ScoredBatch:
     """prompts_per_step prompts x G completions from the nested model, scored, with group advantages."""
     G = recipe.rollout.group_size
-    rows = [i for i in indices for _ in range(G)]  # group-contiguous: G completions of a prompt side by side
-    rollout = sample(
-        policy.model, [prompts[i] for i in rows], max_new_tokens=recipe.rollout.max_new_tokens, eos_ids=eos_ids,
-        pad_id=policy.tokenizer.pad_token_id, temperature=recipe.rollout.temperature, top_p=recipe.rollout.top_p,
-        skip=skip, generator=generator, micro_batch=recipe.rollout.micro_batch,
-    )
+    rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids)
     texts = decode_completions(policy.tokenizer, rollout.completion_ids, rollout.completion_mask)
-    rewards, correct = score(texts, [problems[i].answer for i in rows], recipe.reward.functions, recipe.reward.format_weight)
+    golds = [problems[i].answer for i in indices for _ in range(G)]
+    rewards, correct = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight)
     rewards_t = torch.tensor(rewards, dtype=torch.float32, device=rollout.completion_ids.device)
     advantages = L.group_advantages(rewards_t, G, recipe.loss.advantage_scale, recipe.loss.advantage_eps)
     return ScoredBatch(rollout, rewards_t, advantages, correct)
@@ -240,17 +264,10 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
         + (f", {ctx.world} processes" if ctx.enabled else ""))
     train_prompts = encode_prompts(policy.tokenizer, train_problems, recipe)
     eos_ids = eos_token_ids(policy)
-    adaptive = beh.schedule == "adaptive"  # random skip sets whose ratio is adjusted after each step
-    start_ratio = min(beh.max_ratio, max(beh.min_ratio, beh.skip_ratio)) if adaptive else beh.skip_ratio
-    try:
-        schedule = SkipSchedule(policy.num_layers, start_ratio, beh.protect_first, beh.protect_last,
-                                "random" if adaptive else beh.schedule, beh.layers, cfg.seed + 7919 * ctx.rank)
-        schedule.check_ratio(beh.max_ratio if adaptive else start_ratio)
-    except ValueError as err:
-        raise UsageError(f"{recipe.source}: [behavior] {err}") from None
+    schedule = build_skip_schedule(policy.num_layers, recipe, cfg.seed + 7919 * ctx.rank)
+    adaptive = beh.schedule == "adaptive"
     optimizer = build_optimizer(policy, recipe, say)
-    total_updates = cfg.steps * recipe.loss.updates_per_batch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, total_updates, cfg.warmup_steps, cfg.lr_schedule))
+    scheduler = build_lr_scheduler(optimizer, recipe, cfg.steps * recipe.loss.updates_per_batch)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + 7919 * ctx.rank)
     state = {"step": 0, "skipped_updates": 0, "eval_history": []}
     if ckpt is not None:

@@ -46,7 +46,7 @@ STEP_ROW = {
     "rollout_seconds": NUM, "rollout_tokens_per_s": NUM, "logprob_backward_seconds": NUM, "optimizer_seconds": NUM,
     "step_seconds": NUM, "peak_gpu_mem_rollout_bytes": (int, type(None)),
     "peak_gpu_mem_logprob_backward_bytes": (int, type(None)), "peak_gpu_mem_optimizer_bytes": (int, type(None)),
-    "peak_gpu_mem_bytes": (int, type(None)), "max_rss_bytes": int, "loss": NUM, "grad_norm": NUM,
+    "peak_gpu_mem_bytes": (int, type(None)), "max_rss_bytes": int, "loss": NUM, "grad_norm": NUM, "update_skipped": bool,
 }
 STEP_SUMMARY = {
     "median_rollout_seconds": NUM, "median_logprob_backward_seconds": NUM, "median_optimizer_seconds": NUM,
@@ -62,7 +62,7 @@ def _check_types(obj: dict, spec: dict, where: str) -> None:
     assert not missing, f"{where}: missing keys {sorted(missing)}"
     for key, types in spec.items():
         value = obj[key]
-        assert isinstance(value, types) and not (isinstance(value, bool) and types is not bool), \
+        assert isinstance(value, types) and (types is bool or not isinstance(value, bool)), \
             f"{where}.{key}: {value!r} is not {types}"
 
 
@@ -225,6 +225,7 @@ def test_bench_step_cpu_tiny(tmp_path, capsys, one_thread):
         assert row["rollout_seconds"] > 0 and row["logprob_backward_seconds"] > 0 and row["optimizer_seconds"] > 0
         assert row["step_seconds"] == pytest.approx(row["rollout_seconds"] + row["logprob_backward_seconds"] + row["optimizer_seconds"])
         assert math.isfinite(row["loss"]) and row["grad_norm"] > 0  # random rewards -> non-zero advantages
+        assert row["update_skipped"] is False
         assert row["peak_gpu_mem_bytes"] is None
     assert report["summary"]["model_bytes"]["trainable_bytes"] > 0
 
