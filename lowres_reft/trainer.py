@@ -27,7 +27,7 @@ from lowres_reft.errors import UsageError
 from lowres_reft.evaluate import decode_completions, evaluate
 from lowres_reft.logprobs import completion_logp
 from lowres_reft.metrics import MetricsLog, Progress
-from lowres_reft.model import Policy, check_model_name, load_policy
+from lowres_reft.model import Policy, check_model_name, load_policy, model_path
 from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
 from lowres_reft.rewards import score
 from lowres_reft.rollout import RolloutBatch, sample
@@ -256,6 +256,10 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     cfg, beh = recipe.train, recipe.behavior
     if recipe.rollout.prompts_per_step % ctx.world:
         raise UsageError(f"[rollout] prompts_per_step = {recipe.rollout.prompts_per_step} must be a multiple of the {ctx.world} processes")
+    if ctx.enabled:  # build/cache the builtin model once (rank 0) before every process reads it
+        if ctx.is_main:
+            model_path(recipe.model, recipe.log.output_dir)
+        barrier(ctx)
     torch.manual_seed(cfg.seed)
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, adapter_dir=ckpt / "adapter" if ckpt else None,
                          gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
