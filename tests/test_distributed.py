@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 from conftest import TINY_RUN_SETS, as_set_args
 
 from lowres_reft.metrics import read_metrics
@@ -40,45 +39,10 @@ def test_two_process_run_keeps_adapters_identical(tmp_path):
     assert (tmp_path / "ddp" / "checkpoint-last" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def _worker(rank, world, port, cache, batch, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        grads = _shard_gradients(cache, batch, rank, world)
-        if rank == 0:
-            torch.save(grads, out)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _shard_gradients(cache, batch, rank, world):
-    from conftest import randomize_lora, tiny_model_cfg
-
-    from lowres_reft.config import LoraConfig, LossConfig, Recipe, RolloutConfig
-    from lowres_reft.distributed import Dist, sum_gradients
-    from lowres_reft.model import load_policy
-    from lowres_reft.trainer import ScoredBatch, accumulate_gradients, global_totals
-
-    policy = load_policy(tiny_model_cfg(), LoraConfig(r=4, alpha=8, dropout=0.0), cache_dir=cache)
-    randomize_lora(policy.model, 0)
-    ctx = Dist(rank=rank, world=world)
-    rows = slice(rank * (batch.rewards.numel() // world), (rank + 1) * (batch.rewards.numel() // world))
-    r = batch.rollout
-    from dataclasses import replace
-
-    shard = ScoredBatch(replace(r, prompt_ids=r.prompt_ids[rows], prompt_mask=r.prompt_mask[rows], completion_ids=r.completion_ids[rows],
-                                completion_mask=r.completion_mask[rows], behavior_logp=r.behavior_logp[rows],
-                                truncated=r.truncated[rows]), batch.rewards[rows], batch.advantages[rows], batch.correct[rows])
-    recipe = Recipe(rollout=RolloutConfig(max_new_tokens=r.completion_ids.shape[1]))
-    totals = global_totals(shard, recipe, ctx)
-    cfg = LossConfig(correction="retrace", aggregation="token_mean")
-    accumulate_gradients(policy, shard, cfg, 1.0, 3, r.completion_ids.shape[1], 1.0, None, totals)
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    sum_gradients(params, ctx)
-    return [p.grad.clone() for p in params]
-
-
 def test_sharded_update_equals_single_process(tiny_cache, tiny_policy, tmp_path):
+    """Two gloo processes each take half of a fixed rollout batch; their summed update equals one process's."""
+    from dist_worker import shard_gradients
+
     from lowres_reft.loss import group_advantages
     from lowres_reft.rollout import sample
     from lowres_reft.trainer import ScoredBatch
@@ -90,10 +54,15 @@ def test_sharded_update_equals_single_process(tiny_cache, tiny_policy, tmp_path)
                      generator=torch.Generator().manual_seed(0), skip=(1,))
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
     batch = ScoredBatch(rollout, rewards, group_advantages(rewards, 4), [bool(x) for x in rewards])
-    single = _shard_gradients(tiny_cache, batch, 0, 1)
-    out = tmp_path / "grads.pt"
-    sys.path.insert(0, str(Path(__file__).parent))
-    mp.spawn(_worker, args=(2, _free_port(), tiny_cache, batch, out), nprocs=2, join=True)
+    single = shard_gradients(tiny_cache, batch, 0, 1)
+    batch_file, out = tmp_path / "batch.pt", tmp_path / "grads.pt"
+    torch.save(batch, batch_file)
+    # Separate processes (torchrun), not multiprocessing inside pytest: no helper process outlives the test.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(Path(__file__).parent / "dist_worker.py"), str(tiny_cache), str(batch_file), str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
     sharded = torch.load(out, weights_only=True)
     assert len(sharded) == len(single)
     assert any(float(g.abs().max()) > 0 for g in single)
