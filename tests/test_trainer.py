@@ -61,10 +61,13 @@ def test_optional_paths_run_kl_ppo_accum_checkpointing_16bit(tmp_path):
         tmp_path, "train.steps=2", "log.run_name=paths", "loss.kl_beta=0.05", "loss.updates_per_batch=2",
         "train.grad_accum=2", "train.gradient_checkpointing=true", "train.micro_batch_size=3", "loss.correction=tis",
         "loss.aggregation=seq_mean", "rollout.top_p=0.9", "model.load_in_4bit=false", "eval.before_training=false",
-        "train.lr=0.01",
+        "train.lr=0.01", "warmup.steps=2", "warmup.batch_size=4",
     )
     run = trainer.train(recipe, log=lambda *a: None)
-    records = [r for r in read_metrics(run / "metrics.jsonl") if r["stage"] == "rl"]
+    everything = read_metrics(run / "metrics.jsonl")
+    assert [r["warmup_step"] for r in everything if r["stage"] == "warmup"] == [1, 2]
+    assert [r["label"] for r in everything if r["stage"] == "eval"] == ["after_warmup", "final"]
+    records = [r for r in everything if r["stage"] == "rl"]
     assert len(records) == 2
     for r in records:
         assert len(r["skip_sets"]) == 2  # one nested model per accumulated rollout batch
