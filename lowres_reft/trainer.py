@@ -353,7 +353,9 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     evaluator(step, "final", say)
     path = checkpoint(step)
     if ctx.is_main:
-        say(summary(state["eval_history"], run_dir / "metrics.jsonl", path))
+        from lowres_reft.report import write_report
+
+        say(summary(state["eval_history"], run_dir / "metrics.jsonl", path) + f"\n  report: {write_report(run_dir)}")
     return run_dir
 
 

@@ -65,6 +65,7 @@ def test_run_resume_equals_uninterrupted_and_export(tmp_path, capsys):
     for key in ("reward_mean", "rollout_tokens_per_s", "skip_set", "rho_mean", "rho_min", "rho_max", "is_truncated_frac",
                 "ess", "trace_mean", "loss", "grad_norm", "lr", "peak_mem_mb", "step_seconds", "truncated_frac"):
         assert key in records[0], key
+    assert (run / "report.png").stat().st_size > 5000 and "report:" in stdout
     evals = json.loads((run / "eval.json").read_text())["history"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 4
     state = json.loads((run / "checkpoint-last" / "trainer_state.json").read_text())
