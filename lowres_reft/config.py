@@ -44,10 +44,13 @@ class ModelConfig:
     # Sizes of the builtin tiny model (only used with name = "builtin:tiny").
     tiny_layers: int = 6
     tiny_hidden: int = 128
+    # Pretraining steps of the builtin tiny model on generated arithmetic text (0 = random init); see lowres_reft/tiny.py.
+    tiny_pretrain_steps: int = 0
 
     def validate(self) -> None:
         _require(self.tiny_layers >= 2, "tiny_layers", "must be >= 2")
         _require(self.tiny_hidden >= 32 and self.tiny_hidden % 32 == 0, "tiny_hidden", "must be a multiple of 32")
+        _require(self.tiny_pretrain_steps >= 0, "tiny_pretrain_steps", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ def _arithmetic(n: int, seed: int, eval_pool: bool) -> list[Problem]:
             continue
         seen.add(question)
         answer = _OPS[op](a, b)
-        solution = f"{a}{op}{b}={answer}. The answer is {answer}."
+        solution = f"{a}{op}{b}={answer}."
         problems.append(Problem(question=question, answer=str(answer), solution=solution))
     return problems
 
@@ -153,8 +153,8 @@ def _arithmetic(n: int, seed: int, eval_pool: bool) -> list[Problem]:
 def builtin_arithmetic(n: int, seed: int) -> list[Problem]:
     """`n` short one-operation word problems (+, -, *; operands <= 20, answers >= 0), deterministic in `seed`.
 
-    Solutions read "3+4=7. The answer is 7.". Questions come from the training pool only: the held-out pool
-    used for evaluation (`builtin_arithmetic_eval`) never shares a question with it.
+    Solutions are the one equation, "3+4=7." (its last number is the answer). Questions come from the training
+    pool only: the held-out pool used for evaluation (`builtin_arithmetic_eval`) never shares a question with it.
     """
     return _arithmetic(n, seed, eval_pool=False)
 
@@ -614,7 +614,7 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 def format_solution(solution: str, tokenizer: Any = None, cfg: DataConfig | None = None) -> str:
     """The completion text that follows `format_prompt(...)` in supervised warm-up (end-of-text not included).
 
-    Plain template: " " + solution (so prompt + completion reads "Answer: 3+4=7. The answer is 7.").
+    Plain template: " " + solution (so prompt + completion reads "Answer: 3+4=7.").
     Chat template (tokenizer and cfg given and the template in use): the solution as the assistant's content.
     """
     if tokenizer is not None and cfg is not None and uses_chat_template(tokenizer, cfg):

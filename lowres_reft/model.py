@@ -52,7 +52,8 @@ def model_path(cfg: ModelConfig, cache_dir: str | Path) -> str:
     """The name/path handed to from_pretrained (building the builtin tiny model when asked for)."""
     check_model_name(cfg)
     if cfg.name == TINY_NAME:
-        return str(ensure_tiny_model(Path(cache_dir) / "_builtin", cfg.tiny_layers, cfg.tiny_hidden))
+        return str(ensure_tiny_model(Path(cache_dir) / "_builtin", cfg.tiny_layers, cfg.tiny_hidden,
+                                     pretrain_steps=cfg.tiny_pretrain_steps))
     return cfg.name
 
 

@@ -12,13 +12,15 @@ Why pretrain: a random-init model cannot learn arithmetic word problems through 
 so RL on it shows nothing. A real Nested-ReFT run starts from an LLM that already "knows some math" but not the
 task's format; the tiny model imitates that. Before it is saved (and later quantized to NF4 by the run), it is
 trained in full precision for `pretrain_steps` AdamW steps as a character-level LM on procedurally generated
-arithmetic text that is *not* the word-problem format of `lowres_reft.data`: bare equations ("7+5=12",
-"9-2=7", "3*4=12") and short phrases that state an operation in other words and then write it as an equation
-("the sum of 7 and 5 is 7+5=12", "9 minus 2: 9-2=7", "3 times 4: 3*4=12"). So the base model can copy
-numbers out of text and do the arithmetic, but has never seen "Question: ... Answer:", the word problems'
-vocabulary ("gets 3 more", "gives away", "bags with ... each") or "The answer is N." plus end-of-text: the
-supervised warm-up (LoRA) teaches that format and RL improves on it. Pretraining is seeded and deterministic
-(fixed data stream, fixed init, fixed step count); it takes about a minute on 2 CPU cores for the demo size.
+arithmetic text that is *not* the word-problem format of `lowres_reft.data` (`pretrain_settings`): bare
+equations ("7+5=12"), phrases that state an operation in other words and then write it as an equation ("the sum
+of 7 and 5 is 7+5=12"), and "scenes" (a sentence or two of random-word prose holding two numbers, then a line
+"add: 7+5=12"), each piece followed by end-of-text. With LayerDrop (a random middle layer skipped in some steps,
+through the behavior policy's own `skip_layers`), so the model still works as a nested model. So the base can
+copy numbers out of text and do the arithmetic, but has never seen "Question: ... Answer:" or the word problems'
+vocabulary ("gets 3 more", "gives away", "bags with ... each"): the supervised warm-up (LoRA) teaches that
+format and RL improves on it. Pretraining is seeded and deterministic (fixed data stream, fixed init, fixed step
+count); it takes about 1.5 minutes on 2 CPU cores for the demo size.
 """
 
 from __future__ import annotations
@@ -37,35 +39,90 @@ import torch
 TINY_NAME = "builtin:tiny"
 PAD, EOS = "<pad>", "<|endoftext|>"
 # Bump when the corpus generator or the training loop changes (the cache key includes it).
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
+
+
+@dataclass(frozen=True)
+class PretrainPhase:
+    """One phase of the tiny model's pretraining: AdamW with linear warm-up then cosine decay to 10%."""
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup: int
+    # Mix of the pieces of text: bare equations, scenes (prose, then the equation on the next line), and phrases
+    # (the rest: "the sum of 7 and 5 is 7+5=12").
+    eq_fraction: float
+    scene_fraction: float
+    # Loss weight of the context tokens (phrases, prose) relative to the equations (which always have weight 1).
+    context_loss_weight: float = 1.0
+    # Fraction of phrases and scenes whose equation is followed by the restated result ("7+5=12, that is 12.").
+    restate_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    """Settings of the tiny model's pretraining (all part of the cache key)."""
+    """Everything that determines the pretrained weights besides the size and the seed (all in the cache key)."""
 
-    steps: int
-    batch_size: int = 32
-    seq_len: int = 128
-    lr: float = 3e-3
-    warmup: int = 30
-    weight_decay: float = 0.0
-    # Operand ranges of the generated arithmetic (wider than the word problems' 1..20 so the facts generalize).
-    max_add: int = 30
-    max_mul_a: int = 12
-    max_mul_b: int = 12
+    phases: tuple[PretrainPhase, ...]
+    # LayerDrop: in each step every middle layer (not the first or the last) is skipped with this probability
+    # (never all of them), so the model also works with layers skipped, as the nested behavior policy runs it.
+    layer_drop: float = 0.3
+    # Operand ranges: those of the builtin word problems (sums and differences of numbers up to 20, products of
+    # 1..5 by 1..10), so a minute of training learns the facts the task needs.
+    max_add: int = 20
+    max_mul_a: int = 5
+    max_mul_b: int = 10
+    # What follows each piece of text: the end-of-text token (each piece is a document of its own, so the model
+    # learns to end a text after its result, as the task's completions do).
+    separator: str = EOS
+
+
+def pretrain_settings(steps: int) -> PretrainSettings:
+    """The builtin recipe for `steps` steps in all: 7/12 of them in phase 1, the rest in phase 2.
+
+    Phase 1 (short rows of 64 characters, 32 per batch): bare equations and phrases, loss on every token (the
+    model learns the arithmetic facts and to copy numbers within a line; without the short, dense rows first it
+    does not learn the arithmetic in the same time). Phase 2 (rows of 128, 16 per batch): half of the pieces are
+    scenes, loss on the equations only (the prose is random words: predicting it would only waste capacity), so
+    the model learns to find the numbers in a paragraph across a line break and to do arithmetic after prose.
+    """
+    first = round(steps * 7 / 12)
+    return PretrainSettings(phases=(
+        PretrainPhase(steps=first, batch_size=32, seq_len=64, lr=5e-3, warmup=30, eq_fraction=0.5, scene_fraction=0.0,
+                      context_loss_weight=1.0, restate_fraction=0.3),
+        PretrainPhase(steps=steps - first, batch_size=16, seq_len=128, lr=3e-3, warmup=10, eq_fraction=0.4,
+                      scene_fraction=0.5, context_loss_weight=0.0, restate_fraction=0.0),
+    ))
+
+
+def _byte_symbol(char: str) -> str:
+    """The byte-level BPE symbol of an ASCII character (GPT-2's bytes_to_unicode: " " -> "Ġ", "\\n" -> "Ċ")."""
+    code = ord(char)
+    if 33 <= code <= 126:
+        return char
+    return chr(256 + code) if code < 33 else chr(256 + code - 94)  # valid for the control range 0..32 only
 
 
 def _build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models
+    """A character tokenizer: one token per printable ASCII character or newline (ids 2..97), plus <pad> and EOS.
+
+    The vocabulary is written in byte-level symbols with a ByteLevel pre-tokenizer and decoder, so the saved
+    tokenizer encodes the same whichever class loads it: `AutoTokenizer` picks `Qwen2Tokenizer` for a qwen2
+    config, which imposes a ByteLevel pre-tokenizer (a plain character vocabulary would lose every space and
+    newline that way), and a generic `TokenizersBackend` uses tokenizer.json as written.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {PAD: 0, EOS: 1}
     for char in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab[char] = len(vocab)
-    # A BPE model without merges is a character tokenizer; Fuse() joins characters back on decode.
+        vocab[_byte_symbol(char)] = len(vocab)
+    # A BPE model without merges is a character tokenizer.
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    core.decoder = decoders.Fuse()
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD)
 
 
@@ -92,14 +149,43 @@ def tiny_config(layers: int, hidden: int, vocab_size: int):
 # --------------------------------------------------------------------------------------------------
 
 _PHRASES = {
-    "+": ("the sum of {a} and {b} is {eq}", "{a} plus {b}: {eq}", "add {b} to {a}: {eq}", "{a} and {b} make {eq}"),
-    "-": ("{a} minus {b}: {eq}", "take {b} from {a}: {eq}", "the difference of {a} and {b} is {eq}", "{a} less {b}: {eq}"),
-    "*": ("{a} times {b}: {eq}", "the product of {a} and {b} is {eq}", "{a} lots of {b}: {eq}", "multiply {a} by {b}: {eq}"),
+    "+": ("the sum of {a} and {b} is {eq}", "{a} plus {b}: {eq}"),
+    "-": ("the difference of {a} and {b} is {eq}", "{a} minus {b}: {eq}"),
+    "*": ("the product of {a} and {b} is {eq}", "{a} times {b}: {eq}"),
 }
+# Scenes: a sentence or two of filler prose holding two numbers, then a line "label: a op b=c" using them, so the
+# model learns to do arithmetic after prose and to copy numbers across a line break. Vocabulary deliberately
+# unlike the word problems' (no names, objects, "has", "gets", "gives away", "each", "How many", ...).
+_WORDS = ("the", "a", "old", "red", "big", "small", "green", "fox", "river", "boat", "tree", "stone", "house", "road",
+          "saw", "found", "near", "by", "over", "under", "and", "then", "two", "blue", "hill", "town", "bird", "sun",
+          "walked", "sat", "was", "were", "of", "to", "on", "at", "far", "quiet", "cold", "warm", "lake", "field")
+_RESTATE = ("that is", "so", "which makes", "giving")
+_LABELS = {"+": ("add", "sum", "total"), "-": ("subtract", "difference", "minus"),
+           "*": ("multiply", "product", "times")}
 
 
-def arithmetic_line(rng: random.Random, s: PretrainSettings) -> str:
-    """One line of pretraining text: an equation, alone or after a phrase naming the operation."""
+def _sentence(rng: random.Random, numbers: tuple[int, ...] = ()) -> str:
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 10))]
+    slots = sorted(rng.sample(range(1, len(words) + 1), len(numbers)))
+    for offset, (slot, number) in enumerate(zip(slots, numbers)):
+        words.insert(slot + offset, str(number))
+    return " ".join(words).capitalize() + "."
+
+
+def _scene(rng: random.Random, a: int, b: int, op: str, eq: str) -> str:
+    if rng.random() < 0.5:
+        prose = _sentence(rng, (a, b))
+    else:  # one number per sentence, sometimes after a sentence without numbers
+        prose = _sentence(rng, (a,)) + " " + _sentence(rng, (b,))
+        if rng.random() < 0.3:
+            prose = _sentence(rng) + " " + prose
+    return f"{prose}\n{rng.choice(_LABELS[op])}: {eq}"
+
+
+def arithmetic_piece(rng: random.Random, s: PretrainSettings, phase: PretrainPhase) -> tuple[str, str]:
+    """One piece of pretraining text as (context, equation): a bare equation (empty context), an equation after a
+    phrase naming the operation, or the last line of a scene; the equation sometimes restates its result. The
+    text is context + equation."""
     op = rng.choice("++--*")
     if op == "+":
         a, b = rng.randint(0, s.max_add), rng.randint(0, s.max_add)
@@ -112,69 +198,109 @@ def arithmetic_line(rng: random.Random, s: PretrainSettings) -> str:
         a, b = rng.randint(1, s.max_mul_a), rng.randint(1, s.max_mul_b)
         c = a * b
     eq = f"{a}{op}{b}={c}"
-    if rng.random() < 0.4:
-        return eq
-    return rng.choice(_PHRASES[op]).format(a=a, b=b, eq=eq)
+    kind = rng.random()
+    if kind < phase.eq_fraction:
+        return "", eq
+    if kind < phase.eq_fraction + phase.scene_fraction:
+        text = _scene(rng, a, b, op, eq)
+    else:
+        text = rng.choice(_PHRASES[op]).format(a=a, b=b, eq=eq)
+    if rng.random() < phase.restate_fraction:
+        return text[: -len(eq)], f"{eq}, {rng.choice(_RESTATE)} {c}."
+    return text[: -len(eq)], eq
 
 
-def pretrain_batch(rng: random.Random, s: PretrainSettings, vocab: dict[str, int]) -> torch.Tensor:
-    """(batch, seq_len + 1) token ids: lines joined by newlines, each row starting at a line start."""
-    rows = []
-    for _ in range(s.batch_size):
-        text = ""
-        while len(text) < s.seq_len + 1:
-            text += arithmetic_line(rng, s) + "\n"
-        rows.append([vocab[c] for c in text[: s.seq_len + 1]])
-    return torch.tensor(rows, dtype=torch.long)
+def pretrain_batch(rng: random.Random, s: PretrainSettings, phase: PretrainPhase,
+                   vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, seq_len + 1) token ids of pieces each followed by `s.separator` (`vocab`: character -> id), every
+    row starting at a piece start, and (batch, seq_len + 1) float loss weights: 1 on the equations and the
+    separator, `phase.context_loss_weight` on the context."""
+    rows, weights = [], []
+    for _ in range(phase.batch_size):
+        ids: list[int] = []
+        weight: list[float] = []
+        while len(ids) < phase.seq_len + 1:
+            context, eq = arithmetic_piece(rng, s, phase)
+            ids += [vocab[c] for c in context + eq] + [vocab[s.separator]]
+            weight += [phase.context_loss_weight] * len(context) + [1.0] * (len(eq) + 1)
+        rows.append(ids[: phase.seq_len + 1])
+        weights.append(weight[: phase.seq_len + 1])
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
+
+
+def char_vocab(tokenizer) -> dict[str, int]:
+    """Character (and EOS) -> token id of the tiny tokenizer."""
+    vocab = {c: tokenizer.convert_tokens_to_ids(_byte_symbol(c)) for c in [chr(i) for i in range(32, 127)] + ["\n"]}
+    vocab[EOS] = tokenizer.convert_tokens_to_ids(EOS)
+    return vocab
 
 
 def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) -> list[float]:
-    """Train `model` (full precision, all parameters) as a character LM on `arithmetic_line` text.
+    """Train `model` (full precision, all parameters) as a character LM on `arithmetic_piece` text, phase by phase.
 
-    Deterministic in `seed`. Returns the loss of every step.
+    Each phase has its own AdamW optimizer (lr warm-up, then cosine decay to 10%) and data stream
+    (`random.Random(seed + phase index)`). With LayerDrop a random subset of the middle layers is skipped in each
+    step through `lowres_reft.nested.skip_layers`, the behavior policy's own mechanism. Deterministic in `seed`
+    (and the torch RNG state, for the initial weights). Returns the loss of every step.
     """
-    vocab = tokenizer.get_vocab()
-    rng = random.Random(seed)
+    from lowres_reft.nested import skip_layers
+
+    vocab = char_vocab(tokenizer)
+    middle = list(range(1, model.config.num_hidden_layers - 1))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=settings.weight_decay)
-
-    def factor(step: int) -> float:
-        if step < settings.warmup:
-            return (step + 1) / settings.warmup
-        progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    model.train()
-    losses = []
+    total = sum(phase.steps for phase in settings.phases)
+    losses: list[float] = []
     start = time.perf_counter()
-    for step in range(settings.steps):
-        batch = pretrain_batch(rng, settings, vocab)
-        logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if log is not None and (step + 1) % max(1, settings.steps // 5) == 0:
-            log(f"tiny model pretraining: step {step + 1}/{settings.steps}, loss {sum(losses[-20:]) / len(losses[-20:]):.3f}, "
-                f"{time.perf_counter() - start:.0f}s")
+    model.train()
+    for index, phase in enumerate(settings.phases):
+        rng, drop_rng = random.Random(seed + index), random.Random(seed + index + 1)
+        opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+        def factor(step: int, phase: PretrainPhase = phase) -> float:
+            if step < phase.warmup:
+                return (step + 1) / phase.warmup
+            progress = (step - phase.warmup) / max(1, phase.steps - phase.warmup)
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        for step in range(phase.steps):
+            batch, weight = pretrain_batch(rng, settings, phase, vocab)
+            skip = [i for i in middle if drop_rng.random() < settings.layer_drop]
+            if len(skip) == len(middle) and len(middle) > 1:
+                skip.pop(drop_rng.randrange(len(skip)))
+            with skip_layers(model, skip):
+                logits = model(input_ids=batch[:, :-1]).logits
+            token_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                         batch[:, 1:].reshape(-1), reduction="none")
+            w = weight[:, 1:].reshape(-1)
+            loss = (token_loss * w).sum() / w.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            done = len(losses)
+            if log is not None and (done % max(1, total // 6) == 0 or done == total):
+                recent = losses[-20:]
+                log(f"tiny model pretraining: step {done}/{total} (phase {index + 1}), "
+                    f"loss {sum(recent) / len(recent):.3f}, {time.perf_counter() - start:.0f}s")
     model.eval()
     return losses
 
 
 def pretrain_key(layers: int, hidden: int, seed: int, settings: PretrainSettings) -> str:
-    blob = json.dumps({"version": PRETRAIN_VERSION, "layers": layers, "hidden": hidden, "seed": seed, **asdict(settings)},
-                      sort_keys=True)
+    """Short hash of everything that determines the pretrained weights."""
+    blob = json.dumps({"version": PRETRAIN_VERSION, "layers": layers, "hidden": hidden, "seed": seed,
+                       **asdict(settings)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def tiny_dir_name(layers: int, hidden: int, pretrain_steps: int = 0, seed: int = 0) -> str:
+    """Cache directory name: `tiny-qwen2-L{layers}-H{hidden}`, plus `-pt{steps}-{hash}` when pretrained."""
     name = f"tiny-qwen2-L{layers}-H{hidden}"
     if pretrain_steps > 0:
-        name += f"-pt{pretrain_steps}-{pretrain_key(layers, hidden, seed, PretrainSettings(steps=pretrain_steps))}"
+        name += f"-pt{pretrain_steps}-{pretrain_key(layers, hidden, seed, pretrain_settings(pretrain_steps))}"
     return name
 
 
@@ -199,7 +325,7 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
                 log(f"building the tiny model: pretraining {layers} layers x {hidden} on arithmetic text "
                     f"({pretrain_steps} steps, cached in {target})")
             with torch.enable_grad():
-                pretrain(model, tokenizer, PretrainSettings(steps=pretrain_steps), seed, log)
+                pretrain(model, tokenizer, pretrain_settings(pretrain_steps), seed, log)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

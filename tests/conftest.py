@@ -25,7 +25,7 @@ def tiny_cache(tmp_path_factory):
 TINY_RUN_SETS = [
     "model.tiny_layers=4", "model.tiny_hidden=64", "rollout.prompts_per_step=2", "rollout.group_size=4",
     "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "data.max_eval_samples=4", "data.builtin_train_size=64",
-    "data.builtin_test_size=8", "lora.r=4", "warmup.steps=0",
+    "data.builtin_test_size=8", "lora.r=4", "warmup.steps=0", "model.tiny_pretrain_steps=0",
 ]
 
 

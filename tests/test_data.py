@@ -248,8 +248,7 @@ def test_builtin_arithmetic_determinism_and_correctness():
         assert p.answer == str(value) and value >= 0
         assert 0 <= a <= 20 and 0 <= b <= 20
         assert len(p.question) <= 90 and p.question.isascii()
-        assert p.solution == f"{a}{op}{b}={value}. The answer is {value}."
-        assert p.solution.endswith(f"The answer is {p.answer}.")
+        assert p.solution == f"{a}{op}{b}={value}."
     assert ops == {"+", "-", "*"}
 
 

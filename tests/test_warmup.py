@@ -50,3 +50,78 @@ def test_short_warmup_lowers_the_loss(tiny_policy):
     assert len(losses) == 12 and all(r["stage"] == "warmup" and r["step"] == 0 for r in sink.records)
     assert losses[-1] < losses[0] - 0.2 and losses[-1] < min(losses[:3]), losses  # LoRA on a random tiny base: slow, but down
     assert all(p.grad is None for p in policy.model.parameters())
+
+
+# ---------------------------------------------------------------- more: cutting, positions, data, state
+
+
+def test_fit_example_cuts_the_prompt_start_first_then_the_completion_end():
+    from lowres_reft.warmup import fit_example
+
+    assert fit_example([1, 2, 3], [4, 5], 10) == ([1, 2, 3], [4, 5])
+    assert fit_example([1, 2, 3], [4, 5], 4) == ([2, 3], [4, 5])
+    assert fit_example([1, 2, 3], [4, 5, 6, 7], 3) == ([3], [4, 5])  # one prompt token always stays
+    batch = build_sft_batch([[1, 2, 3]], [[4, 5]], pad_id=0, max_tokens=4)
+    assert batch.input_ids.tolist() == [[2, 3, 4, 5]] and batch.loss_mask.tolist() == [[0, 0, 1, 1]]
+
+
+def test_sft_log_probs_equal_the_rl_loss_log_probs(tiny_policy):
+    """Right-padded SFT rows and the RL loss's left-padded prompts give the same per-token log-probs: the
+    position ids (index among the row's real tokens) agree with the sampling loop's."""
+    from lowres_reft.logprobs import completion_logp
+    from lowres_reft.rollout import left_pad
+    from lowres_reft.warmup import sft_token_logp
+
+    policy = tiny_policy()
+    model = policy.model
+    model.eval()
+    prompts, completions = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], [[20, 21, 1], [22, 1], [23, 24, 25, 26, 1]]
+    with torch.no_grad():
+        got = sft_token_logp(model, build_sft_batch(prompts, completions, pad_id=0), chunk=4)
+        prompt_ids, prompt_mask = left_pad(prompts, 0, torch.device("cpu"))
+        width = max(map(len, completions))
+        comp = torch.tensor([c + [0] * (width - len(c)) for c in completions])
+        mask = torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in completions])
+        ref = completion_logp(model, prompt_ids, prompt_mask, comp, mask, 1.0)[mask.bool()]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def _recipe(**warmup):
+    return Recipe(warmup=WarmupConfig(**{"steps": 2, "lr": 1e-3, "batch_size": 4, **warmup}),
+                  train=TrainConfig(micro_batch_size=4))
+
+
+def test_warmup_without_solutions_is_a_clear_error(tiny_policy):
+    import pytest
+
+    from lowres_reft.errors import UsageError
+
+    problems = [Problem(question="1+1?", answer="2", solution=None)]
+    with pytest.raises(UsageError, match=r"\[warmup\] needs reference solutions; dataset gsm8k has none"):
+        run_warmup(tiny_policy(), _recipe(), problems, _Sink(), log=lambda *a: None)
+
+
+def test_warmup_skips_unsolved_problems_restores_the_mode_and_logs_each_step(tiny_policy):
+    policy = tiny_policy()
+    problems = [Problem(question=f"{a}+1?", answer=str(a + 1), solution=f"{a}+1={a + 1}." if a % 2 else None)
+                for a in range(10)]
+    lines, sink = [], _Sink()
+    policy.model.eval()
+    run_warmup(policy, _recipe(steps=3), problems, sink, log=lines.append)
+    assert not policy.model.training  # left in the mode it was found in
+    assert "on 5 reference solutions" in lines[0]
+    assert [r["warmup_step"] for r in sink.records] == [1, 2, 3]
+    assert all({"loss", "lr", "grad_norm", "tokens"} <= r.keys() and r["lr"] == 1e-3 for r in sink.records)
+    policy.model.train()
+    run_warmup(policy, _recipe(steps=1), problems, _Sink(), log=lambda *a: None)
+    assert policy.model.training
+    run_warmup(policy, _recipe(steps=0), [], _Sink(), log=lambda *a: None)  # no warm-up: nothing is checked
+
+
+def test_warmup_order_is_seeded_epochs_over_the_examples():
+    from lowres_reft.warmup import batch_indices
+
+    first = [i for step in range(5) for i in batch_indices(step, 4, 20, seed=3)]
+    assert sorted(first) == list(range(20))  # one epoch = every example once
+    assert first == [i for step in range(5) for i in batch_indices(step, 4, 20, seed=3)]
+    assert first != [i for step in range(5) for i in batch_indices(step, 4, 20, seed=4)]
