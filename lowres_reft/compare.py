@@ -3,14 +3,19 @@
 Each variant (skip ratio x correction, plus the adaptive schedule when asked) runs the recipe once per seed through
 the normal trainer. r = 0 is standard on-policy ReFT and runs once, with correction "none" (at r = 0 and top_p = 1
 every ratio is 1, so the corrections coincide). Runs already finished in the output dir are reused, so an
-interrupted sweep continues where it stopped.
+interrupted sweep continues where it stopped. With `--jobs N > 1` the pending runs go to N `lowres-reft run`
+subprocesses at a time, each limited to cpu_count // N threads, with its output in `<out>/<run>.log`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -22,6 +27,8 @@ def add_parser(sub) -> None:
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     cmp.add_argument("--adaptive", action="store_true", help="also run behavior.schedule = adaptive (retrace)")
     cmp.add_argument("--out", help="output dir (default runs/compare-<recipe name>)")
+    cmp.add_argument("--jobs", type=int, default=1,
+                     help="runs at a time, each in its own process with cpu_count // jobs threads (default 1)")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="recipe override applied to every variant")
 
@@ -119,31 +126,40 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lowres_reft.config import load_recipe
+    from lowres_reft.errors import UsageError
     from lowres_reft.trainer import train
 
     ratios = parse_list(args.skip_ratios, float, "skip-ratios")
     corrections = parse_list(args.corrections, str, "corrections")
     seeds = parse_list(args.seeds, int, "seeds")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: expected a number of runs at a time >= 1, got {args.jobs}")
     base = load_recipe(args.recipe, args.overrides)  # validate once before running anything
     grid = variants(ratios, corrections, args.adaptive)
     for v in grid:  # validate every variant's recipe up front too
         load_recipe(args.recipe, args.overrides + v["sets"])
     out = Path(args.out or Path(base.log.output_dir) / f"compare-{base.run_name}")
     out.mkdir(parents=True, exist_ok=True)
+    runs = [(v, seed, f"{v['name'].replace('=', '').replace(' ', '-')}-seed{seed}") for v in grid for seed in seeds]
+    pending = [(v, seed, name) for v, seed, name in runs if not _finished(out / name)]
+    settings = {name: args.overrides + v["sets"] + [f"train.seed={seed}", f"log.output_dir={out}",
+                                                    f"log.run_name={name}", "log.progress=none"]
+                for v, seed, name in pending}
+    if args.jobs > 1 and len(pending) > 1:
+        failed = _run_parallel(args.recipe, base, out, pending, settings, args.jobs)
+        if failed:
+            for name, code in failed:
+                print(f"compare: run {name} failed (exit {code}), see {out / (name + '.log')}", file=sys.stderr)
+            return 1
+    else:
+        for v, seed, name in pending:
+            print(f"== {v['name']} seed {seed}", flush=True)
+            train(load_recipe(args.recipe, settings[name]), resume=(out / name).exists(), log=lambda *a: None)
     rows = []
     for v in grid:
-        runs = []
-        for seed in seeds:
-            name = f"{v['name'].replace('=', '').replace(' ', '-')}-seed{seed}"
-            run_dir = out / name
-            if not _finished(run_dir):
-                print(f"== {v['name']} seed {seed}", flush=True)
-                recipe = load_recipe(args.recipe, args.overrides + v["sets"] + [
-                    f"train.seed={seed}", f"log.output_dir={out}", f"log.run_name={name}", "log.progress=none"])
-                train(recipe, resume=run_dir.exists(), log=lambda *a: None)
-            runs.append(summarize_run(run_dir) | {"seed": seed})
+        done = [summarize_run(out / name) | {"seed": seed} for w, seed, name in runs if w is v]
         rows.append({"name": v["name"], "skip_ratio": v["skip_ratio"], "correction": v["correction"],
-                     "runs": runs, "stats": aggregate([{k: x for k, x in r.items() if k != "seed"} for r in runs])})
+                     "runs": done, "stats": aggregate([{k: x for k, x in r.items() if k != "seed"} for r in done])})
     table = markdown_table(rows, seeds)
     (out / "compare.md").write_text(table)
     (out / "compare.json").write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides,
@@ -152,6 +168,29 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
     return 0
+
+
+def _run_parallel(recipe: str, base, out: Path, pending: list, settings: dict, jobs: int) -> list[tuple[str, int]]:
+    """Run `pending` as `lowres-reft run` subprocesses, `jobs` at a time; returns the (name, exit code) failures."""
+    from lowres_reft.model import model_path
+
+    model_path(base.model, out)  # build the builtin model once, before the runs share its cache
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def one(item) -> tuple[str, int]:
+        v, seed, name = item
+        command = [sys.executable, "-m", "lowres_reft", "run", str(recipe),
+                   *[arg for s in settings[name] for arg in ("--set", s)]]
+        if (out / name).exists():
+            command.append("--resume")
+        print(f"== {v['name']} seed {seed} (log: {out / (name + '.log')})", flush=True)
+        with open(out / f"{name}.log", "w") as log:
+            return name, subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(one, pending))
+    return [(name, code) for name, code in results if code != 0]
 
 
 def _finished(run_dir: Path) -> bool:

@@ -45,3 +45,22 @@ def test_compare_cli_tiny(tmp_path, capsys):
 def test_compare_bad_list_is_clear(tmp_path, capsys):
     code = main(["compare", str(ROOT / "recipes" / "tiny-cpu.toml"), "--skip-ratios", "a,b"])
     assert code == 2 and "--skip-ratios" in capsys.readouterr().err
+
+
+def test_compare_jobs_runs_subprocesses_with_logs(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", str(ROOT / "recipes" / "tiny-cpu.toml"), "--skip-ratios", "0.25", "--corrections", "retrace",
+            "--seeds", "0,1", "--jobs", "2", "--out", str(out), *as_set_args(SMALL + [f"log.output_dir={tmp_path}"])]
+    assert main(args) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["seed"] for r in data["variants"][0]["runs"]] == [0, 1]
+    assert data["variants"][0]["stats"]["mean_skip_ratio"]["mean"] == 0.25
+    for seed in (0, 1):
+        assert "eval final" in (out / f"r0.25-retrace-seed{seed}.log").read_text()
+        assert (out / f"r0.25-retrace-seed{seed}" / "metrics.jsonl").is_file()
+    assert "== r=0.25 retrace seed 1" in capsys.readouterr().out
+
+
+def test_compare_jobs_below_one_is_clear(tmp_path, capsys):
+    code = main(["compare", str(ROOT / "recipes" / "tiny-cpu.toml"), "--jobs", "0", "--out", str(tmp_path / "c")])
+    assert code == 2 and "--jobs" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_demo_reward_on_training_rollouts_rises(tmp_path, capsys):
-    """The demo recipe as shipped (its pretrained base is built here: ~1.5 min), cut to 30 RL steps, no eval before training.
+    """The demo recipe as shipped (its pretrained base is built here: ~1.5 min), cut to 30 RL steps, no eval
+    before training.
 
     Fixed seed. Rollouts come from the nested model (1 of the 2 middle layers skipped) with Retrace; the mean
     reward of the last 10 steps must beat the first 10 steps' (each step has 128 rollouts), and greedy held-out
