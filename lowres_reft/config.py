@@ -44,7 +44,7 @@ class ModelConfig:
     # Sizes of the builtin tiny model (only used with name = "builtin:tiny").
     tiny_layers: int = 6
     tiny_hidden: int = 128
-    # Pretraining steps of the builtin tiny model on generated arithmetic text (0 = random init); see lowres_reft/tiny.py.
+    # Pretraining steps of the builtin tiny model on generated arithmetic text (0 = random init); see tiny.py.
     tiny_pretrain_steps: int = 0
 
     def validate(self) -> None:
