@@ -38,6 +38,8 @@ import torch
 
 TINY_NAME = "builtin:tiny"
 PAD, EOS = "<pad>", "<|endoftext|>"
+# The tokenizer's characters, one token each (ids 2..97 in this order): printable ASCII and the newline.
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 # Bump when the corpus generator or the training loop changes (the cache key includes it).
 PRETRAIN_VERSION = 2
 
@@ -117,7 +119,7 @@ def _build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {PAD: 0, EOS: 1}
-    for char in [chr(i) for i in range(32, 127)] + ["\n"]:
+    for char in CHARS:
         vocab[_byte_symbol(char)] = len(vocab)
     # A BPE model without merges is a character tokenizer.
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
@@ -230,7 +232,7 @@ def pretrain_batch(rng: random.Random, s: PretrainSettings, phase: PretrainPhase
 
 def char_vocab(tokenizer) -> dict[str, int]:
     """Character (and EOS) -> token id of the tiny tokenizer."""
-    vocab = {c: tokenizer.convert_tokens_to_ids(_byte_symbol(c)) for c in [chr(i) for i in range(32, 127)] + ["\n"]}
+    vocab = {c: tokenizer.convert_tokens_to_ids(_byte_symbol(c)) for c in CHARS}
     vocab[EOS] = tokenizer.convert_tokens_to_ids(EOS)
     return vocab
 

@@ -77,7 +77,9 @@ def test_batch_weights_equations_and_separators_and_rows_start_at_a_piece():
             assert _EQ.fullmatch(piece.strip("_")), piece
 
 
-def test_pretraining_is_deterministic_lowers_the_loss_and_drops_middle_layers():
+def test_pretraining_is_deterministic_lowers_the_loss_and_drops_middle_layers(monkeypatch):
+    from transformers import Qwen2ForCausalLM
+
     from lowres_reft import nested
 
     tok = _build_tokenizer()
@@ -91,16 +93,12 @@ def test_pretraining_is_deterministic_lowers_the_loss_and_drops_middle_layers():
 
     def run():
         torch.manual_seed(0)
-        from transformers import Qwen2ForCausalLM
-
         model = Qwen2ForCausalLM(tiny_config(4, 32, 128))
         return model, pretrain(model, tok, settings, seed=0)
 
-    nested.skip_layers = spy
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(nested, "skip_layers", spy)
         model, losses = run()
-    finally:
-        nested.skip_layers = original
     _, again = run()
     assert losses == again and len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5  # from ~ln(128) down
