@@ -29,6 +29,25 @@ TINY_RUN_SETS = [
 ]
 
 
+def start_cli_then_signal(args: list[str], cwd, at_line: str, sig: int, timeout: float, stderr=None):
+    """Start `python -m lowres_reft *args` (stdout piped, unbuffered), read its output until a line starts with
+    `at_line`, send it `sig` and return the process (the rest of stdout unread)."""
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lowres_reft", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL if stderr is None else stderr, text=True, env=env, cwd=cwd)
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if line.startswith(at_line):
+            proc.send_signal(sig)
+            return proc
+        assert time.time() < deadline
+    raise AssertionError(f"the run ended before printing a line starting with {at_line!r}")
+
+
 def as_set_args(overrides) -> list[str]:
     """["a.b=1", ...] -> ["--set", "a.b=1", ...]"""
     return [arg for item in overrides for arg in ("--set", item)]

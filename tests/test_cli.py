@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN_SETS, as_set_args
+from conftest import TINY_RUN_SETS, as_set_args, start_cli_then_signal
 from safetensors.torch import load_file
 
 from lowres_reft.cli import main
@@ -84,15 +83,7 @@ def test_run_resume_equals_uninterrupted_and_export(tmp_path, capsys):
 def test_ctrl_c_saves_checkpoint_and_resume_continues(tmp_path):
     out = str(tmp_path / "runs")
     args = ["run", TINY, *as_set_args(SMALL + [f"log.output_dir={out}", "log.run_name=intr", "train.steps=50", "checkpoint.every=0"])]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "lowres_reft", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)
-    deadline = time.time() + 240
-    for line in proc.stdout:
-        if line.startswith("step 1/"):
-            proc.send_signal(signal.SIGINT)
-            break
-        assert time.time() < deadline
+    proc = start_cli_then_signal(args, ROOT, "step 1/", signal.SIGINT, timeout=240, stderr=subprocess.PIPE)
     rest, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "--resume" in rest

@@ -4,14 +4,11 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN_SETS, as_set_args
+from conftest import TINY_RUN_SETS, as_set_args, start_cli_then_signal
 
 from lowres_reft import checkpoint as ckpt_mod
 from lowres_reft import trainer
@@ -31,15 +28,7 @@ def _recipe(tmp_path, *extra):
 
 def test_sigkill_mid_run_then_resume_has_no_torn_or_duplicated_lines(tmp_path):
     sets = SMALL + [f"log.output_dir={tmp_path}", "log.run_name=kill", "log.progress=plain", "train.steps=40", "checkpoint.every=1"]
-    args = [sys.executable, "-m", "lowres_reft", "run", str(TINY), *as_set_args(sets)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
-    deadline = time.time() + 300
-    for line in proc.stdout:
-        if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-        assert time.time() < deadline
+    proc = start_cli_then_signal(["run", str(TINY), *as_set_args(sets)], ROOT, "step 3/", signal.SIGKILL, timeout=300)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     run = tmp_path / "kill"
