@@ -327,7 +327,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
         lock_error = None
         try:
             cleanup.enter_context(RunLock(run_dir, say))
-            check_unchanged(run_dir, ckpt, say)
+            check_unchanged(run_dir, ckpt)
         except UsageError as err:
             lock_error = err
     if all_max(float(ctx.is_main and lock_error is not None), ctx) > 0:
@@ -396,7 +396,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
             if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < cfg.steps and not halt:
                 checkpoint(step)
             if halt:
-                stop_with_checkpoint(checkpoint, step, int(halt), write_error, progress, say)
+                stop_with_checkpoint(checkpoint, step, halt, write_error, progress, say)
     finally:
         stop.restore()
         progress.close()
@@ -428,7 +428,7 @@ def stop_with_checkpoint(checkpoint, step: int, halt: int, write_error: Exceptio
     raise RunStopped(halt)
 
 
-def check_unchanged(run_dir: Path, ckpt: Path | None, say) -> None:
+def check_unchanged(run_dir: Path, ckpt: Path | None) -> None:
     """While this run loaded, another one may have written checkpoints there: refuse rather than mix them."""
     now = latest_good_checkpoint(run_dir, warn=lambda *a: None)
     if (now and now.name) != (ckpt and ckpt.name):
