@@ -56,9 +56,7 @@ def save_checkpoint(
         torch.save(rng_state, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "recipe.toml").write_text(recipe_toml)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+        write_manifest(tmp, step)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -79,6 +77,20 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_manifest(path: Path, step: int) -> None:
+    """manifest.json: the sha256 of every file of the checkpoint dir (written last)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(path)): _sha256(p) for p in files}
+    (path / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+
+
+def check_checkpoint(path: Path) -> None:
+    """UsageError (one line) unless the checkpoint is complete and every checksum matches."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise UsageError(f"{path}: checkpoint {problem}; use an earlier checkpoint-NNNNNN of the run")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -118,9 +130,7 @@ def latest_good_checkpoint(run_dir: Path, warn=print) -> Path | None:
 
 def load_trainer_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(optimizer_state, rng_state, trainer_state) of a verified checkpoint."""
-    problem = verify_checkpoint(path)
-    if problem is not None:
-        raise UsageError(f"{path}: checkpoint {problem}")
+    check_checkpoint(path)
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     rng_state = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     trainer_state = json.loads((path / "trainer_state.json").read_text())

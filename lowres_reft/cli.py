@@ -67,8 +67,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         train(recipe, resume=args.resume)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stop:  # trainer.RunStopped carries 128 + the signal number
+        return getattr(stop, "exit_code", 130)
     return 0
 
 

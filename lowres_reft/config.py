@@ -493,7 +493,50 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise AssertionError(f"cannot write {value!r} as TOML")
+
+
+_TOML_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: TOML forbids raw control characters (and DEL) in strings."""
+    if c in _TOML_ESCAPES:
+        return _TOML_ESCAPES[c]
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\u{ord(c):04x}"
+    return c
+
+
+# Recipe keys that may differ when a run is resumed (`run --resume`): how long it runs, how often it evaluates,
+# checkpoints and logs, where it writes, memory knobs that do not change the math, and export settings. Every other
+# key determines the run (model, LoRA, data, behavior, rollout, reward, loss, optimizer, seed, ...) and is fixed
+# by its first checkpoint. train.steps may change: the LR schedule's total becomes the new steps from the resumed
+# update on (a "constant" schedule is unaffected; a decaying one continues along the new horizon).
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "train.micro_batch_size", "train.gradient_checkpointing",
+    "rollout.micro_batch", "loss.logprob_chunk",
+    "data.eval_split", "data.max_eval_samples",
+    "eval.every", "eval.max_new_tokens", "eval.batch_size", "eval.before_training",
+    "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume",
+    "log.output_dir", "log.run_name", "log.progress",
+    "export.merged_dtype",
+})
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(section.key, old value, new value) for every key whose value differs, in recipe order."""
+    changes = []
+    for section in _sections():
+        before, after = dataclasses.asdict(getattr(old, section)), dataclasses.asdict(getattr(new, section))
+        changes += [(f"{section}.{key}", before[key], after[key]) for key in before if before[key] != after[key]]
+    return changes
+
+
+def describe_change(key: str, old: Any, new: Any) -> str:
+    """`train.lr: 0.0005 -> 0.1` (values as TOML; an unset value as "unset")."""
+    show = lambda v: "unset" if v is None else _toml_value(list(v) if isinstance(v, tuple) else v)  # noqa: E731
+    return f"{key}: {show(old)} -> {show(new)}"

@@ -189,7 +189,10 @@ def _checkpoint_target(text: str, ckpt: Path) -> Target:
         raise UsageError(f"{ckpt}: not a checkpoint (no adapter/adapter_config.json); {_TRAIN_HINT}")
     if not (ckpt / "recipe.toml").is_file():
         raise UsageError(f"{ckpt}: not a checkpoint (no recipe.toml); {_TRAIN_HINT}")
+    from lowres_reft.checkpoint import check_checkpoint
     from lowres_reft.config import load_recipe
+
+    check_checkpoint(ckpt)
 
     recipe = load_recipe(ckpt / "recipe.toml")
     resolved = ckpt.resolve()

@@ -103,6 +103,9 @@ def _check_checkpoint(ckpt: Path) -> Path:
         raise UsageError(f"{ckpt}: not a checkpoint (no adapter/); {_TRAIN_HINT}")
     if not (ckpt / "recipe.toml").is_file():
         raise UsageError(f"{ckpt}: not a checkpoint (no recipe.toml); {_TRAIN_HINT}")
+    from lowres_reft.checkpoint import check_checkpoint
+
+    check_checkpoint(ckpt)  # never export a truncated or altered file
     return ckpt
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from lowres_reft.errors import UsageError
 
 PROGRESS_KEYS = (("reward", "reward_mean"), ("acc", "rollout_accuracy"), ("tok/s", "rollout_tokens_per_s"),
                  ("ess", "ess"), ("loss", "loss"))
@@ -27,15 +30,22 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class MetricsLog:
-    """Append-only JSONL. On resume, lines of steps after the checkpoint (and torn lines) are dropped."""
+class MetricsWriteError(UsageError):
+    """metrics.jsonl could not be written (disk full, quota, permissions); the file has no torn line."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+
+class MetricsLog:
+    """Append-only JSONL, one write() per line. On resume, lines of steps after the checkpoint (and torn lines)
+    are dropped; metrics are never deleted (a run restarted from step 0 moves the old file aside)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, pending: list[dict[str, Any]] = ()) -> None:
         self.path = path
         if resume_step is not None and path.exists():
             self._truncate_after(resume_step)
         elif resume_step is None and path.exists():
-            path.unlink()
+            path.rename(_free_name(path))
+        for record in pending:  # lines the previous process computed but could not write (disk full)
+            self.write(record)
 
     def _truncate_after(self, step: int) -> None:
         kept = []
@@ -51,10 +61,31 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(_clean(record), sort_keys=False) + "\n"
-        with self.path.open("a") as handle:
-            handle.write(line)
-            handle.flush()
+        """Append one line with a single write(); on failure the file is cut back so no torn line stays."""
+        data = (json.dumps(_clean(record), sort_keys=False) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if _write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write (no space left on device?)")
+            except OSError as err:
+                os.ftruncate(fd, size)
+                raise MetricsWriteError(f"could not write {self.path} ({err.strerror or err})") from None
+        finally:
+            os.close(fd)
+
+
+def _write(fd: int, data: bytes) -> int:
+    return os.write(fd, data)
+
+
+def _free_name(path: Path) -> Path:
+    """`metrics.jsonl.old-N` with the first free N."""
+    n = 1
+    while path.with_name(f"{path.name}.old-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.old-{n}")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

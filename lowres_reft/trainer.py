@@ -5,6 +5,7 @@ Wiring happens here and only here; every piece (sampling, rewards, loss math, ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,17 +21,18 @@ import torch
 
 from lowres_reft import loss as L
 from lowres_reft.checkpoint import latest_good_checkpoint, list_checkpoints, load_trainer_files, save_checkpoint
-from lowres_reft.config import LossConfig, Recipe, recipe_to_toml
+from lowres_reft.config import RESUMABLE_KEYS, LossConfig, Recipe, describe_change, load_recipe, recipe_changes, recipe_to_toml
 from lowres_reft.data import Problem, format_prompt, load_problems
 from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.errors import UsageError
 from lowres_reft.evaluate import decode_completions, evaluate
 from lowres_reft.logprobs import completion_logp
-from lowres_reft.metrics import MetricsLog, Progress
+from lowres_reft.metrics import MetricsLog, MetricsWriteError, Progress
 from lowres_reft.model import Policy, check_model_name, load_policy, model_path
 from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
 from lowres_reft.rewards import score
 from lowres_reft.rollout import RolloutBatch, sample
+from lowres_reft.rundir import RunLock, check_not_locked
 
 
 @dataclass
@@ -209,6 +211,7 @@ def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], to
 def check_run_dir(recipe: Recipe, resume: bool) -> Path:
     """The run directory, checked (writable, not clobbering a run) without creating anything yet."""
     run_dir = Path(recipe.log.output_dir) / recipe.run_name
+    check_not_locked(run_dir)  # a live run there: say so before anything else (and before loading the model)
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -225,25 +228,60 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class RunStopped(KeyboardInterrupt):
+    """The run stopped on a signal; the CLI exits with 128 + the signal number (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
 class StopFlag:
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+    """First Ctrl-C or SIGTERM (what `kill` and job schedulers send) asks the loop to checkpoint and stop after the
+    current step; a second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.requested = 0  # the signal number asked for, 0 = none
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
+            raise RunStopped(signum)
+        self.requested = signum
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
 
     def restore(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def check_resume(recipe: Recipe, ckpt: Path, world: int) -> None:
+    """Refuse to resume `ckpt` with a recipe that changes what the run is, or with another number of processes."""
+    saved = load_recipe(ckpt / "recipe.toml")
+    fixed = [describe_change(*c) for c in recipe_changes(saved, recipe) if c[0] not in RESUMABLE_KEYS]
+    if fixed:
+        raise UsageError(f"cannot resume {ckpt} with a changed recipe ({', '.join(fixed)}); restore these values, "
+                         "or set [log] run_name to start a new run")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if recipe.train.steps < state["step"]:
+        raise UsageError(f"[train] steps = {recipe.train.steps} is before the checkpoint's step {state['step']} ({ckpt}); "
+                         f"set train.steps >= {state['step']}")
+    saved_world = len(state.get("skip_schedule", [None]))
+    if saved_world != world:  # the skip schedules and sampling generators are per process
+        raise UsageError(f"{ckpt} was written by {saved_world} process(es); resume it with {saved_world} "
+                         f"(this run has {world})")
 
 
 def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     """Run the recipe. Returns the run directory (metrics.jsonl, eval.json, checkpoint-*)."""
+    with contextlib.ExitStack() as cleanup:  # releases the run dir's lock however the run ends
+        return _train(recipe, resume, log, cleanup)
+
+
+def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> Path:
     ctx = init_distributed()
     say = log if ctx.is_main else (lambda *a, **k: None)
     resume = resume or recipe.checkpoint.resume == "latest"
@@ -253,6 +291,8 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     ckpt = latest_good_checkpoint(run_dir, warn=say) if resume else None
     if resume and ckpt is None:
         say(f"no checkpoint in {run_dir} to resume from; starting from step 0")
+    if ckpt is not None:
+        check_resume(recipe, ckpt, ctx.world)
     cfg, beh = recipe.train, recipe.behavior
     if recipe.rollout.prompts_per_step % ctx.world:
         raise UsageError(f"[rollout] prompts_per_step = {recipe.rollout.prompts_per_step} must be a multiple of the {ctx.world} processes")
@@ -282,10 +322,18 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
         torch.set_rng_state(rng["torch"])
         generator.set_state(rng[f"generator_{ctx.rank}"])
         say(f"resumed from {ckpt} at step {state['step']}")
+    pending = state.pop("unwritten_metrics", [])
     if ctx.is_main:  # everything is validated and loaded: from here on the run writes its outputs
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(ctx)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if ckpt else None) if ctx.is_main else NullLog()
+        lock_error = None
+        try:
+            cleanup.enter_context(RunLock(run_dir, say))
+            check_unchanged(run_dir, ckpt)
+        except UsageError as err:
+            lock_error = err
+    if all_max(float(ctx.is_main and lock_error is not None), ctx) > 0:
+        raise lock_error if ctx.is_main else UsageError(f"{run_dir}: the main process could not open the run directory")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if ckpt else None,
+                         pending=pending) if ctx.is_main else NullLog()
     evaluator = Evaluator(policy, recipe, eval_problems, encode_prompts(policy.tokenizer, eval_problems, recipe), eos_ids,
                           run_dir, state["eval_history"], metrics, ctx)
 
@@ -332,21 +380,23 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
             if ctx.enabled:  # every process must hold the same adapters after the synchronized update
                 prints = gather_objects(adapter_fingerprint(trainable(policy)), ctx)
                 record["adapters_in_sync"] = all(p == prints[0] for p in prints)
-            metrics.write(record)
+            write_error = None
+            try:
+                metrics.write(record)
+            except MetricsWriteError as err:  # disk full: keep the line in the checkpoint, written on --resume
+                write_error, state["unwritten_metrics"] = err, [record]
             progress.update(record)
             if adaptive:
                 schedule.set_ratio(adapt_skip_ratio(schedule.skip_ratio, record["ess"], beh.target_ess, beh.adapt_rate,
                                                     beh.min_ratio, beh.max_ratio))
-            if recipe.eval.every and step % recipe.eval.every == 0 and step < cfg.steps:
+            if recipe.eval.every and step % recipe.eval.every == 0 and step < cfg.steps and write_error is None:
                 evaluator(step, f"step_{step}", progress.message)
             state["step"] = step
-            if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < cfg.steps:
+            halt = int(all_max(float(WRITE_FAILED if write_error is not None else stop.requested), ctx))
+            if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < cfg.steps and not halt:
                 checkpoint(step)
-            if all_max(float(stop.requested), ctx) > 0:
-                path = checkpoint(step)
-                progress.close()
-                say(f"stopped at step {step}; checkpoint {path}; continue with --resume")
-                raise KeyboardInterrupt
+            if halt:
+                stop_with_checkpoint(checkpoint, step, halt, write_error, progress, say)
     finally:
         stop.restore()
         progress.close()
@@ -357,6 +407,33 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
 
         say(summary(state["eval_history"], run_dir / "metrics.jsonl", path) + f"\n  report: {write_report(run_dir)}")
     return run_dir
+
+
+WRITE_FAILED = 1000  # halt code of a failed metrics write (signal numbers are below it)
+
+
+def stop_with_checkpoint(checkpoint, step: int, halt: int, write_error: Exception | None, progress: Progress, say) -> None:
+    """Save a checkpoint at `step`, then stop: on a signal (RunStopped), or because metrics.jsonl could not be written."""
+    failed = write_error or UsageError("the main process could not write metrics.jsonl")
+    try:
+        path = checkpoint(step)
+    except UsageError as err:
+        if halt != WRITE_FAILED:
+            raise
+        raise UsageError(f"{failed}, and {err}") from None
+    progress.close()
+    if halt == WRITE_FAILED:
+        raise UsageError(f"{failed}; stopped at step {step} with checkpoint {path}: free disk space, then continue with --resume")
+    say(f"stopped at step {step}; checkpoint {path}; continue with --resume")
+    raise RunStopped(halt)
+
+
+def check_unchanged(run_dir: Path, ckpt: Path | None) -> None:
+    """While this run loaded, another one may have written checkpoints there: refuse rather than mix them."""
+    now = latest_good_checkpoint(run_dir, warn=lambda *a: None)
+    if (now and now.name) != (ckpt and ckpt.name):
+        raise UsageError(f"{run_dir} changed while this run was loading (another run wrote {now.name if now else 'to it'}); "
+                         "start it again")
 
 
 class NullLog:

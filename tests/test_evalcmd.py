@@ -12,6 +12,7 @@ import pytest
 
 from conftest import randomize_lora, tiny_model_cfg
 from lowres_reft.cli import main
+from lowres_reft.checkpoint import write_manifest
 from lowres_reft.config import DataConfig, EvalConfig, ExportConfig, LoraConfig, Recipe, recipe_to_toml
 from lowres_reft.evalcmd import pass_at_k, summarize, wilson_interval
 
@@ -126,6 +127,7 @@ def runs(tiny_cache, tmp_path_factory):
                     data=DataConfig(name="builtin:arithmetic", builtin_test_size=16, max_eval_samples=8),
                     eval=EvalConfig(max_new_tokens=10, batch_size=4))
     (ckpt / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
+    write_manifest(ckpt, 1)
     os.symlink("checkpoint-000001", root / "run-a" / "checkpoint-last")
     return root
 

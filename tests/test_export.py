@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import randomize_lora, tiny_model_cfg
+from lowres_reft.checkpoint import write_manifest
 from lowres_reft.config import ExportConfig, LoraConfig, Recipe, recipe_to_toml
 from lowres_reft.errors import UsageError
 from lowres_reft.export import export_checkpoint
@@ -41,6 +42,7 @@ def make_checkpoint(runs: Path, run: str, load_in_4bit: bool = True, target_modu
     recipe = Recipe(model=model_cfg, lora=lora, export=ExportConfig(merged_dtype="float32"))
     (ckpt / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
     (ckpt / "trainer_state.json").write_text("{}", encoding="utf-8")  # other trainer files: ignored
+    write_manifest(ckpt, 1)
     os.symlink("checkpoint-000001", runs / run / "checkpoint-last")
     ids = _batch(policy.model.config.vocab_size)
     with_adapter = _logits(policy.model, ids)
