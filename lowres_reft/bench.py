@@ -285,7 +285,7 @@ def build_random_model(shape: str, target: Path, device, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lowres_reft.tiny import _build_tokenizer
+    from lowres_reft.tiny import build_tokenizer
 
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
@@ -296,7 +296,7 @@ def build_random_model(shape: str, target: Path, device, seed: int = 0) -> Path:
         model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=torch.bfloat16)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
-    _build_tokenizer().save_pretrained(tmp)
+    build_tokenizer().save_pretrained(tmp)
     del model
     gc.collect()
     if device.type == "cuda":
@@ -427,14 +427,14 @@ def dumps(obj: Any, level: int = 0) -> str:
 def _write_json(report: dict, path: str | None) -> None:
     import os
 
-    from lowres_reft.metrics import _clean
+    from lowres_reft.metrics import json_safe
 
     if not path:
         return
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(dumps(_clean(report)) + "\n")
+    tmp.write_text(dumps(json_safe(report)) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
 

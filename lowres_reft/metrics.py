@@ -13,7 +13,7 @@ PROGRESS_KEYS = (("reward", "reward_mean"), ("acc", "rollout_accuracy"), ("tok/s
                  ("ess", "ess"), ("loss", "loss"))
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null / strings."""
     if isinstance(value, float):
         if math.isnan(value):
@@ -21,9 +21,9 @@ def _clean(value: Any) -> Any:
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     return value
 
 
@@ -51,7 +51,7 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(_clean(record), sort_keys=False) + "\n"
+        line = json.dumps(json_safe(record), sort_keys=False) + "\n"
         with self.path.open("a") as handle:
             handle.write(line)
             handle.flush()
