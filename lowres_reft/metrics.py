@@ -16,7 +16,7 @@ PROGRESS_KEYS = (("reward", "reward_mean"), ("acc", "rollout_accuracy"), ("tok/s
                  ("ess", "ess"), ("loss", "loss"))
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null / strings."""
     if isinstance(value, float):
         if math.isnan(value):
@@ -24,9 +24,9 @@ def _clean(value: Any) -> Any:
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     return value
 
 
@@ -62,7 +62,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one line with a single write(); on failure the file is cut back so no torn line stays."""
-        data = (json.dumps(_clean(record), sort_keys=False) + "\n").encode()
+        data = (json.dumps(json_safe(record), sort_keys=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size

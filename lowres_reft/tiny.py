@@ -107,7 +107,7 @@ def _byte_symbol(char: str) -> str:
     return chr(256 + code) if code < 33 else chr(256 + code - 94)  # valid for the control range 0..32 only
 
 
-def _build_tokenizer():
+def build_tokenizer():
     """A character tokenizer: one token per printable ASCII character or newline (ids 2..97), plus <pad> and EOS.
 
     The vocabulary is written in byte-level symbols with a ByteLevel pre-tokenizer and decoder, so the saved
@@ -317,7 +317,7 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
     target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed)
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     vocab_size = 64 * ((len(tokenizer) + 63) // 64)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
         torch.manual_seed(seed)

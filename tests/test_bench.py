@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from lowres_reft.bench import (
+from lowres_reft.bench.common import infer_shape
+from lowres_reft.bench.roofline import (
     decode_weight_bytes,
     ideal_speedup,
-    infer_shape,
     kv_bytes_per_step,
     peak_bandwidth,
     split_layer_time,
@@ -116,7 +116,7 @@ def test_infer_shape():
 
 
 def test_kv_bytes_hand_count():
-    from lowres_reft.bench import shape_config
+    from lowres_reft.bench.common import shape_config
 
     config = shape_config("tiny")  # hidden 64, 2 heads -> head_dim 32, 1 KV head
     # 2 (K and V) * 3 layers * 1 head * 32 dims * 4 bytes = 768 bytes per token; mean keys per decode step 8 + 8/2.

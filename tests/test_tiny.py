@@ -12,8 +12,8 @@ import torch
 from lowres_reft.tiny import (
     EOS,
     PretrainPhase,
-    _build_tokenizer,
     arithmetic_piece,
+    build_tokenizer,
     char_vocab,
     ensure_tiny_model,
     pretrain,
@@ -30,7 +30,7 @@ _EQ = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")
 def test_saved_tokenizer_round_trips_spaces_and_newlines_whichever_class_loads_it(tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tok = _build_tokenizer()
+    tok = build_tokenizer()
     tok.save_pretrained(tmp_path)
     tiny_config(2, 32, 128).save_pretrained(tmp_path)  # a qwen2 config: AutoTokenizer picks the Qwen2 class
     text = "Question: Tom has 3 pens.\nAnswer: 3+4=7."
@@ -63,7 +63,7 @@ def test_batch_weights_equations_and_separators_and_rows_start_at_a_piece():
     settings = pretrain_settings(12)
     phase = PretrainPhase(steps=1, batch_size=4, seq_len=80, lr=1e-3, warmup=1, eq_fraction=0.0, scene_fraction=1.0,
                           context_loss_weight=0.0)
-    vocab = char_vocab(_build_tokenizer())
+    vocab = char_vocab(build_tokenizer())
     inverse = {i: c for c, i in vocab.items()}
     ids, weight = pretrain_batch(random.Random(1), settings, phase, vocab)
     assert ids.shape == weight.shape == (4, 81)
@@ -82,7 +82,7 @@ def test_pretraining_is_deterministic_lowers_the_loss_and_drops_middle_layers(mo
 
     from lowres_reft import nested
 
-    tok = _build_tokenizer()
+    tok = build_tokenizer()
     settings = pretrain_settings(24)
     calls: list[tuple[int, ...]] = []
     original = nested.skip_layers
