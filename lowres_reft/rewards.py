@@ -25,6 +25,7 @@ are the same in any thread. No exception ever leaves a reward function: a failur
 
 from __future__ import annotations
 
+import bisect
 import functools
 import importlib
 import logging
@@ -80,6 +81,8 @@ _LEAD_NUM_RE = re.compile(
 )
 _ANY_NUM_RE = re.compile(r"(?P<sign>-?)(?P<num>" + _NUM + r")")
 _MATH_OPERATOR_START = re.compile(r"\s*[+\-*/^=<>\\{\d]")
+_PHRASE_SKIP_RE = re.compile(r"[ \t\r\n*:]*")
+_PHRASE_WINDOW = 2_000
 
 
 def _read_braced(text: str, i: int) -> tuple[str, int] | None:
@@ -101,9 +104,19 @@ def _read_braced(text: str, i: int) -> tuple[str, int] | None:
     return None
 
 
-def _boxed_answers(text: str) -> list[str]:
-    """Contents of every complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed N`, in order of appearance."""
-    out = []
+_TOKEN_END_RE = re.compile(r"[\s$]")  # `\boxed 5`: the token after the command ends at whitespace or `$`
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed N` (by command position), or None.
+
+    Linear time, whatever the input: one pass finds the commands, one left-to-right pass matches braces with a
+    stack (escaped `\\{`, `\\}`, `\\\\` never count), and only the chosen content is copied. (Reading every box from
+    its own `{` to the end made N unclosed `\\boxed{` quadratic.)
+    """
+    spans: list[tuple[int, int, int, bool]] = []  # (command start, content start, content end, braced)
+    opens: dict[int, int] = {}  # index of a box's '{' -> its command's start
+    token_ends: list[int] | None = None
     for m in _BOX_RE.finditer(text):
         i = m.end()
         while i < len(text) and text[i].isspace():
@@ -111,16 +124,41 @@ def _boxed_answers(text: str) -> list[str]:
         if i >= len(text):
             continue
         if text[i] == "{":
-            got = _read_braced(text, i)
-            if got is None:  # unclosed (e.g. truncated generation): not an answer
-                continue
-            content = got[0].strip()
-        else:
-            tok = re.match(r"[^\s$]+", text[i:])
-            content = tok.group(0).rstrip(".,;") if tok else ""
+            opens[i] = m.start()
+        elif text[i] != "$":
+            if token_ends is None:  # every token end once, not a scan per command
+                token_ends = [e.start() for e in _TOKEN_END_RE.finditer(text)] + [len(text)]
+            spans.append((m.start(), i, token_ends[bisect.bisect_left(token_ends, i)], False))
+    stack: list[int] = []
+    j = 0
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2  # escaped char (\{, \}, \\) never changes the depth
+            continue
+        if c == "{":
+            stack.append(j)
+        elif c == "}" and stack:
+            start = stack.pop()
+            if start in opens:
+                spans.append((opens[start], start + 1, j, True))
+        j += 1
+    # Blank contents hold no other box, so the blank ones skipped here are disjoint: still linear.
+    for _, lo, hi, braced in sorted(spans, reverse=True):
+        content = text[lo:hi].strip() if braced else text[lo:hi].rstrip(".,;")
         if content:
-            out.append(content)
-    return out
+            return content
+    return None
+
+
+def _phrase_after(text: str, i: int) -> str:
+    """What follows a marker ending at `i`, cut to _PHRASE_WINDOW characters after the leading spaces/`*`/`:`.
+
+    The cut keeps extraction linear when many markers are followed by no answer (each would copy the rest of
+    the text); an answer that does not fit is never a right one (math-verify sees at most _MAX_ANSWER_CHARS).
+    """
+    start = _PHRASE_SKIP_RE.match(text, i).end()
+    return text[start : start + _PHRASE_WINDOW]
 
 
 def _answer_from_phrase(rest: str) -> str | None:
@@ -153,23 +191,25 @@ def _answer_from_phrase(rest: str) -> str | None:
 
 
 def _strip_period(s: str) -> str:
+    """Strip spaces and trailing sentence periods (and the spaces between them), in linear time."""
     s = s.strip()
-    while s.endswith((".", "\u3002")):
-        s = s[:-1].rstrip()
-    return s
+    end = len(s)
+    while end and (s[end - 1] in ".\u3002" or s[end - 1].isspace()):
+        end -= 1  # s ends with a non-space, so this only runs when it ends with a period
+    return s[:end]
 
 
 def _explicit_answer(text: str) -> str | None:
     """The answer stated in an explicit form (boxed, ####, "the answer is"), or None."""
-    boxed = _boxed_answers(text)
+    boxed = _last_boxed(text)
     if boxed:
-        return boxed[-1]
+        return boxed
     for m in reversed(list(_HASH_RE.finditer(text))):
-        ans = _answer_from_phrase(text[m.end() :])
+        ans = _answer_from_phrase(_phrase_after(text, m.end()))
         if ans:
             return ans
     for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
-        ans = _answer_from_phrase(text[m.end() :])
+        ans = _answer_from_phrase(_phrase_after(text, m.end()))
         if ans:
             return ans
     return None

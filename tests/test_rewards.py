@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -143,6 +146,11 @@ def test_math_correct_table(completion, gold, expected):
         ("The answer is\n42", "42"),
         ("\\boxed{4} The answer is 5", "4"),  # boxed has priority
         ("#### 4\nThe answer is 5", "4"),  # #### before "the answer is"
+        ("#### 4\nso far.\n#### 6\nend", "6"),  # two markers: the last one
+        ("\\boxed{\\boxed{4}} and \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # last by command position
+        ("\\boxed{4} then \\boxed{5", "4"),  # the unclosed one is not an answer
+        ("\\boxed{3 \\} 4} ", "3 \\} 4"),  # escaped brace
+        ("\\boxed{7} \\boxed{  }", "7"),  # blank box skipped
         ("I had 3 apples and 5-2 pears", "2"),  # '-' after a digit is an operator
         ("It is -7", "-7"),
         ("a total of 1,234 items", "1,234"),
@@ -153,6 +161,30 @@ def test_math_correct_table(completion, gold, expected):
 )
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Completions that made extraction quadratic (N = 20,000 unclosed boxes took 78 s), checked with N = 50,000.
+_ADVERSARIAL = r"""
+from lowres_reft.rewards import extract_answer, math_correct
+N = 50_000
+assert extract_answer("\\boxed{" * N) is None
+assert extract_answer("\\boxed{1} " + "\\boxed{" * N) == "1"
+assert extract_answer("\\boxed{" * N + "7" + "}" * N) == "7"
+assert extract_answer("\\boxed x" * N) == "x"
+assert extract_answer("the answer is . " * N + "so 5") == "5"
+assert extract_answer("#### . " * N + "so 5") == "5"
+assert math_correct("\\boxed{5" + "." * N + "}", "5") == 1.0
+print("done")
+"""
+
+
+def test_extraction_is_linear_on_adversarial_completions():
+    # A hang guard, not a speed claim: the quadratic version needs many minutes for these inputs.
+    proc = subprocess.run([sys.executable, "-c", _ADVERSARIAL], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "done"
 
 
 def test_extract_answer_non_string():
