@@ -5,7 +5,7 @@ Extraction (`extract_answer`) looks, in this order, for
   2. the last GSM8K-style `#### N`,
   3. the last "the (final) answer is N" / "final answer: N" (case-insensitive; trailing period, `$`,
      markdown `**` and unit words after a number are dropped),
-  4. the last number anywhere in the text (fallback).
+  4. the last number anywhere in the text (fallback; not with `[reward] require_final_answer`).
 
 Equivalence (`is_equivalent`) first normalises the surface form of both sides (`$` / `\\$`, `\\text{}` wrappers,
 thousands commas, `^\\circ`, trailing unit words such as "dollars" or "apples", LaTeX spacing), then
@@ -226,12 +226,15 @@ def _last_number(text: str) -> str | None:
     return last
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a completion (see the module docstring for the priority), or None."""
+def extract_answer(text: str, require_final: bool = False) -> str | None:
+    """The final answer of a completion (see the module docstring for the priority), or None.
+
+    require_final: only an explicitly stated answer (steps 1-3), never the last number of the text.
+    """
     if not isinstance(text, str) or not text.strip():
         return None
     try:
-        return _explicit_answer(text) or _last_number(text)
+        return _explicit_answer(text) or (None if require_final else _last_number(text))
     except Exception:  # a regex on odd input must never crash a reward
         return None
 
@@ -448,6 +451,11 @@ def math_correct(completion: str, gold: str) -> float:
     return 1.0 if is_equivalent(extract_answer(completion), gold) else 0.0
 
 
+def math_correct_final(completion: str, gold: str) -> float:
+    """math_correct that credits only an explicitly stated final answer (`[reward] require_final_answer`)."""
+    return 1.0 if is_equivalent(extract_answer(completion, require_final=True), gold) else 0.0
+
+
 def format_reward(completion: str, gold: str) -> float:
     """1.0 if the completion states its final answer explicitly (`\\boxed{}`, `####`, "the answer is")."""
     del gold
@@ -506,14 +514,17 @@ def score(
     golds: Sequence[str],
     functions: tuple[str, ...] = ("math_correct",),
     format_weight: float = 0.1,
+    require_final_answer: bool = False,
 ) -> tuple[list[float], list[bool]]:
     """Total reward per completion (sum of `functions`, "format" scaled by `format_weight`) and correctness.
 
     Correctness (math_correct == 1) is reported whether or not "math_correct" is among the functions.
+    require_final_answer: "math_correct" (and the correctness) credit only an explicitly stated final answer.
     """
     if len(completions) != len(golds):
         raise ValueError(f"score: {len(completions)} completions but {len(golds)} gold answers")
-    resolved = [(name, get_reward_fn(name)) for name in functions]
+    correct_fn = math_correct_final if require_final_answer else math_correct
+    resolved = [(name, correct_fn if name == "math_correct" else get_reward_fn(name)) for name in functions]
     totals: list[float] = []
     correct: list[bool] = []
     for completion, gold in zip(completions, golds):
@@ -525,7 +536,7 @@ def score(
                 is_right = value == 1.0
             total += format_weight * value if name == "format" else value
         if is_right is None:
-            is_right = math_correct(completion, gold) == 1.0
+            is_right = correct_fn(completion, gold) == 1.0
         totals.append(total)
         correct.append(is_right)
     return totals, correct

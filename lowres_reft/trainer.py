@@ -130,7 +130,8 @@ def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: li
     rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids)
     texts = decode_completions(policy.tokenizer, rollout.completion_ids, rollout.completion_mask)
     golds = [problems[i].answer for i in indices for _ in range(G)]
-    rewards, correct = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight)
+    rewards, correct = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight,
+                             recipe.reward.require_final_answer)
     rewards_t = torch.tensor(rewards, dtype=torch.float32, device=rollout.completion_ids.device)
     advantages = L.group_advantages(rewards_t, G, recipe.loss.advantage_scale, recipe.loss.advantage_eps)
     return ScoredBatch(rollout, rewards_t, advantages, correct)

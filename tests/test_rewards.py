@@ -18,6 +18,7 @@ from lowres_reft.rewards import (
     get_reward_fn,
     is_equivalent,
     math_correct,
+    math_correct_final,
     score,
 )
 
@@ -347,3 +348,29 @@ def test_score_custom_function_and_errors():
         score(["x"], ["1"], ("nope",), format_weight=0.1)
     with pytest.raises(ValueError):
         score(["x", "y"], ["1"], ("math_correct",), format_weight=0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# [reward] require_final_answer
+
+GSM8K_SOLUTION = (
+    "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
+)
+
+
+def test_require_final_answer_credits_only_a_stated_answer():
+    unfinished = GSM8K_SOLUTION.rsplit("\n####", 1)[0]  # the reasoning ends on 72 but states no final answer
+    assert extract_answer(unfinished) == "72"
+    assert extract_answer(unfinished, require_final=True) is None
+    assert math_correct(unfinished, "72") == 1.0
+    assert math_correct_final(unfinished, "72") == 0.0
+    for stated in (GSM8K_SOLUTION, unfinished + "\nThe answer is 72.", unfinished + " So \\boxed{72}."):
+        assert math_correct_final(stated, "72") == 1.0, stated
+    assert math_correct_final(unfinished + "\n#### 71", "72") == 0.0
+
+    completions, golds = [unfinished, GSM8K_SOLUTION, "no idea"], ["72"] * 3
+    assert score(completions, golds, ("math_correct",)) == ([1.0, 1.0, 0.0], [True, True, False])
+    strict = score(completions, golds, ("math_correct",), require_final_answer=True)
+    assert strict == ([0.0, 1.0, 0.0], [False, True, False])
+    # Correctness follows the strict check also when only the format reward is summed.
+    assert score(completions, golds, ("format",), 0.5, require_final_answer=True) == ([0.0, 0.5, 0.0], [False, True, False])

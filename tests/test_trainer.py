@@ -184,3 +184,16 @@ def test_nonfinite_micro_batch_frees_its_graph_before_the_next(tiny_policy, monk
     assert not result["finite"]
     assert alive_at_forward == [0, 0, 0]
     assert all(p.grad is None for p in trainer.trainable(policy))
+
+
+def test_recipes_choose_require_final_answer(tmp_path, monkeypatch):
+    # Real data (the system prompt asks for \\boxed{}): strict. The demo's solutions ("3+4=7.") state no marker: lenient.
+    for name in ("qwen-0.5b-svamp", "qwen-1.5b-gsm8k", "qwen-1.5b-math12k", "qwen-7b-gsm8k"):
+        assert load_recipe(ROOT / "recipes" / f"{name}.toml").reward.require_final_answer, name
+    assert not load_recipe(ROOT / "recipes" / "tiny-cpu.toml").reward.require_final_answer
+    # The trainer hands the option to the reward.
+    seen, real = [], trainer.score
+    monkeypatch.setattr(trainer, "score", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    trainer.train(_recipe(tmp_path, "train.steps=1", "eval.before_training=false", "reward.require_final_answer=true"),
+                  log=lambda *a: None)
+    assert seen == [True]
