@@ -17,10 +17,10 @@ thousands commas, `^\\circ`, trailing unit words such as "dollars" or "apples", 
 Percent rule (GSM8K-friendly): the percent sign is treated as a unit and dropped, so "50%" == "50" == "50 percent",
 but "50%" != "0.5". GSM8K golds are written without the sign ("what percent ...? #### 50").
 
-Thread safety: math-verify implements its timeouts with SIGALRM, which only works in the main thread. The signal
-timeout is used when the reward runs in the main thread and disabled elsewhere; in both cases inputs that can make
-sympy hang (power towers, huge factorials/binomials, very long answers) are rejected up front as wrong, so results
-are the same in any thread. No exception ever leaves a reward function: a failure while checking counts as wrong.
+Time and threads: math-verify runs in worker processes (`verify_worker`) with a hard time bound per check, so a
+reward called from any thread returns in bounded time; a check that runs past the bound counts as wrong. Inputs
+that would only run into the bound (power towers, huge factorials/binomials, very long answers) are rejected up
+front as wrong. No exception ever leaves a reward function: a failure while checking counts as wrong.
 """
 
 from __future__ import annotations
@@ -28,45 +28,21 @@ from __future__ import annotations
 import bisect
 import functools
 import importlib
-import logging
 import re
-import threading
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
+from lowres_reft import verify_worker
 from lowres_reft.errors import ConfigError
 
 RewardFn = Callable[[str, str], float]
 
-# math-verify timeouts (seconds, main thread only) and the guards that stand in for them elsewhere.
-_MV_TIMEOUT_S = 3
+# Inputs rejected up front as wrong: they would only run into the math-verify worker's time bound.
 _MAX_ANSWER_CHARS = 400
 _MAX_EXPONENT = 100_000
 _MAX_RESULT_DIGITS = 1_000_000
 _MAX_FACTORIAL = 1_000
 _MAX_BINOM_ARG = 10_000
-
-# --------------------------------------------------------------------------------------------------
-# math-verify: quiet the one-time "timeout is disabled" warning (we disable it on purpose off the main thread
-# and guard against hangs ourselves).
-
-
-class _DropTimeoutDisabledWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            return "Timeout is disabled" not in record.getMessage()
-        except Exception:
-            return True
-
-
-for _name in ("math_verify.parser", "math_verify.grader", "math_verify.utils"):
-    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
-
-
-def _mv_timeout() -> int | None:
-    """math-verify's SIGALRM timeout only works in the main thread; elsewhere it must be None."""
-    return _MV_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-
 
 # --------------------------------------------------------------------------------------------------
 # Extraction
@@ -403,23 +379,11 @@ def _too_expensive(s: str) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=8192)
-def _mv_parse(s: str) -> tuple:
-    from math_verify import parse
-
-    return tuple(parse("$" + s + "$", parsing_timeout=_mv_timeout()))
-
-
+@functools.lru_cache(maxsize=8192)  # a timed-out check raises, so it is not cached
 def _mv_equivalent(pred: str, gold: str) -> bool:
-    from math_verify import verify
-
     if _too_expensive(pred) or _too_expensive(gold):
-        return False
-    gold_parsed = _mv_parse(gold)
-    pred_parsed = _mv_parse(pred)
-    if not gold_parsed or not pred_parsed:
-        return False
-    return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_mv_timeout()))
+        return False  # cheaper than starting a worker that will time out
+    return verify_worker.equivalent(pred, gold)
 
 
 def is_equivalent(pred: str | None, gold: str | None) -> bool:

@@ -319,6 +319,35 @@ def test_symbolic_check_in_thread_uncached():
     assert got == [True, True, False]
 
 
+def _in_thread(fn, *args, guard_s: float = 120):
+    """fn(*args) in a daemon thread; a hang guard (not a speed claim) fails the test instead of hanging it."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    thread.start()
+    thread.join(guard_s)
+    assert not thread.is_alive(), f"{fn.__name__}{args} still running after {guard_s} s"
+    return out[0]
+
+
+def test_symbolic_check_time_is_bounded_in_threads():
+    # Off the main thread math-verify has no timeout of its own: this one ran for minutes in a reward thread.
+    assert _in_thread(is_equivalent, "2^{99999*99999}", "5") is False
+
+
+def test_stuck_worker_is_killed_and_replaced(monkeypatch):
+    from lowres_reft import verify_worker
+
+    # A bound shorter than the check needs: the worker is killed, the check counts as wrong (and is not cached).
+    monkeypatch.setattr(verify_worker, "CALL_TIMEOUT_S", 0.5)
+    with pytest.raises(verify_worker.WorkerTimeout):
+        verify_worker.equivalent("2^{99999*99999}", "6")
+    assert _in_thread(is_equivalent, "2^{99999*99999}", "6") is False
+    monkeypatch.undo()
+    # A fresh worker serves the next checks.
+    assert _in_thread(is_equivalent, "z+4", "4+z") is True
+    assert verify_worker.equivalent("z-4", "4+z") is False
+
+
 # --------------------------------------------------------------------------------------------------
 # score
 
