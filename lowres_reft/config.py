@@ -271,6 +271,10 @@ class RewardConfig:
     functions: tuple[str, ...] = ("math_correct",)
     # Weight of the optional format reward ("format" in functions).
     format_weight: float = 0.1
+    # Credit only an explicitly stated final answer (`\\boxed{}`, `#### N`, "the answer is N") in math_correct:
+    # otherwise the last number of the text counts, so reasoning that merely ends on the answer earns full credit.
+    # Lenient by default (custom or unformatted data); the real-data recipes turn it on, see their comments.
+    require_final_answer: bool = False
 
     def validate(self) -> None:
         _require(len(self.functions) > 0, "functions", "must name at least one reward function")

@@ -57,7 +57,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "std", eps: 
         scale="std":  A_i = (R_i - mean_g R) / (std_g R + eps)   std = unbiased sample std (torch.std, as TRL)
         scale="none": A_i =  R_i - mean_g R                        (Dr. GRPO)
 
-    A group whose rewards are all equal gets A = 0 (also with eps = 0: 0/0 is mapped to 0).
+    A group whose rewards are all equal gets exactly A = 0, also with eps = 0: equality is tested exactly
+    (max == min), since the float mean of equal values can differ from them (8 x 0.1 in float32).
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"unknown advantage scale {scale!r}; expected one of {ADVANTAGE_SCALES}")
@@ -66,11 +67,12 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "std", eps: 
     if scale == "std" and group_size < 2:
         raise ValueError("scale='std' needs group_size >= 2")
     r = rewards.detach().to(_dtype(rewards)).reshape(-1, group_size)
+    equal = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)  # (groups, 1)
     centered = r - r.mean(1, keepdim=True)
     if scale == "none":
-        return centered.reshape(-1)
+        return torch.where(equal, 0.0, centered).reshape(-1)
     denom = r.std(1, keepdim=True) + eps
-    return torch.where(denom > 0, centered / denom, 0.0).reshape(-1)
+    return torch.where(equal | ~(denom > 0), 0.0, centered / denom).reshape(-1)
 
 
 def sequence_ess(log_rho: Tensor, mask: Tensor) -> float:

@@ -5,7 +5,7 @@ Extraction (`extract_answer`) looks, in this order, for
   2. the last GSM8K-style `#### N`,
   3. the last "the (final) answer is N" / "final answer: N" (case-insensitive; trailing period, `$`,
      markdown `**` and unit words after a number are dropped),
-  4. the last number anywhere in the text (fallback).
+  4. the last number anywhere in the text (fallback; not with `[reward] require_final_answer`).
 
 Equivalence (`is_equivalent`) first normalises the surface form of both sides (`$` / `\\$`, `\\text{}` wrappers,
 thousands commas, `^\\circ`, trailing unit words such as "dollars" or "apples", LaTeX spacing), then
@@ -17,55 +17,32 @@ thousands commas, `^\\circ`, trailing unit words such as "dollars" or "apples", 
 Percent rule (GSM8K-friendly): the percent sign is treated as a unit and dropped, so "50%" == "50" == "50 percent",
 but "50%" != "0.5". GSM8K golds are written without the sign ("what percent ...? #### 50").
 
-Thread safety: math-verify implements its timeouts with SIGALRM, which only works in the main thread. The signal
-timeout is used when the reward runs in the main thread and disabled elsewhere; in both cases inputs that can make
-sympy hang (power towers, huge factorials/binomials, very long answers) are rejected up front as wrong, so results
-are the same in any thread. No exception ever leaves a reward function: a failure while checking counts as wrong.
+Time and threads: math-verify runs in worker processes (`verify_worker`) with a hard time bound per check, so a
+reward called from any thread returns in bounded time; a check that runs past the bound counts as wrong. Inputs
+that would only run into the bound (power towers, huge factorials/binomials, very long answers) are rejected up
+front as wrong. No exception ever leaves a reward function: a failure while checking counts as wrong.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import importlib
-import logging
 import re
-import threading
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
+from lowres_reft import verify_worker
 from lowres_reft.errors import ConfigError
 
 RewardFn = Callable[[str, str], float]
 
-# math-verify timeouts (seconds, main thread only) and the guards that stand in for them elsewhere.
-_MV_TIMEOUT_S = 3
+# Inputs rejected up front as wrong: they would only run into the math-verify worker's time bound.
 _MAX_ANSWER_CHARS = 400
 _MAX_EXPONENT = 100_000
 _MAX_RESULT_DIGITS = 1_000_000
 _MAX_FACTORIAL = 1_000
 _MAX_BINOM_ARG = 10_000
-
-# --------------------------------------------------------------------------------------------------
-# math-verify: quiet the one-time "timeout is disabled" warning (we disable it on purpose off the main thread
-# and guard against hangs ourselves).
-
-
-class _DropTimeoutDisabledWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            return "Timeout is disabled" not in record.getMessage()
-        except Exception:
-            return True
-
-
-for _name in ("math_verify.parser", "math_verify.grader", "math_verify.utils"):
-    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
-
-
-def _mv_timeout() -> int | None:
-    """math-verify's SIGALRM timeout only works in the main thread; elsewhere it must be None."""
-    return _MV_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-
 
 # --------------------------------------------------------------------------------------------------
 # Extraction
@@ -80,6 +57,8 @@ _LEAD_NUM_RE = re.compile(
 )
 _ANY_NUM_RE = re.compile(r"(?P<sign>-?)(?P<num>" + _NUM + r")")
 _MATH_OPERATOR_START = re.compile(r"\s*[+\-*/^=<>\\{\d]")
+_PHRASE_SKIP_RE = re.compile(r"[ \t\r\n*:]*")
+_PHRASE_WINDOW = 2_000
 
 
 def _read_braced(text: str, i: int) -> tuple[str, int] | None:
@@ -101,9 +80,19 @@ def _read_braced(text: str, i: int) -> tuple[str, int] | None:
     return None
 
 
-def _boxed_answers(text: str) -> list[str]:
-    """Contents of every complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed N`, in order of appearance."""
-    out = []
+_TOKEN_END_RE = re.compile(r"[\s$]")  # `\boxed 5`: the token after the command ends at whitespace or `$`
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed N` (by command position), or None.
+
+    Linear time, whatever the input: one pass finds the commands, one left-to-right pass matches braces with a
+    stack (escaped `\\{`, `\\}`, `\\\\` never count), and only the chosen content is copied. (Reading every box from
+    its own `{` to the end made N unclosed `\\boxed{` quadratic.)
+    """
+    spans: list[tuple[int, int, int, bool]] = []  # (command start, content start, content end, braced)
+    opens: dict[int, int] = {}  # index of a box's '{' -> its command's start
+    token_ends: list[int] | None = None
     for m in _BOX_RE.finditer(text):
         i = m.end()
         while i < len(text) and text[i].isspace():
@@ -111,16 +100,41 @@ def _boxed_answers(text: str) -> list[str]:
         if i >= len(text):
             continue
         if text[i] == "{":
-            got = _read_braced(text, i)
-            if got is None:  # unclosed (e.g. truncated generation): not an answer
-                continue
-            content = got[0].strip()
-        else:
-            tok = re.match(r"[^\s$]+", text[i:])
-            content = tok.group(0).rstrip(".,;") if tok else ""
+            opens[i] = m.start()
+        elif text[i] != "$":
+            if token_ends is None:  # every token end once, not a scan per command
+                token_ends = [e.start() for e in _TOKEN_END_RE.finditer(text)] + [len(text)]
+            spans.append((m.start(), i, token_ends[bisect.bisect_left(token_ends, i)], False))
+    stack: list[int] = []
+    j = 0
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2  # escaped char (\{, \}, \\) never changes the depth
+            continue
+        if c == "{":
+            stack.append(j)
+        elif c == "}" and stack:
+            start = stack.pop()
+            if start in opens:
+                spans.append((opens[start], start + 1, j, True))
+        j += 1
+    # Blank contents hold no other box, so the blank ones skipped here are disjoint: still linear.
+    for _, lo, hi, braced in sorted(spans, reverse=True):
+        content = text[lo:hi].strip() if braced else text[lo:hi].rstrip(".,;")
         if content:
-            out.append(content)
-    return out
+            return content
+    return None
+
+
+def _phrase_after(text: str, i: int) -> str:
+    """What follows a marker ending at `i`, cut to _PHRASE_WINDOW characters after the leading spaces/`*`/`:`.
+
+    The cut keeps extraction linear when many markers are followed by no answer (each would copy the rest of
+    the text); an answer that does not fit is never a right one (math-verify sees at most _MAX_ANSWER_CHARS).
+    """
+    start = _PHRASE_SKIP_RE.match(text, i).end()
+    return text[start : start + _PHRASE_WINDOW]
 
 
 def _answer_from_phrase(rest: str) -> str | None:
@@ -153,23 +167,25 @@ def _answer_from_phrase(rest: str) -> str | None:
 
 
 def _strip_period(s: str) -> str:
+    """Strip spaces and trailing sentence periods (and the spaces between them), in linear time."""
     s = s.strip()
-    while s.endswith((".", "\u3002")):
-        s = s[:-1].rstrip()
-    return s
+    end = len(s)
+    while end and (s[end - 1] in ".\u3002" or s[end - 1].isspace()):
+        end -= 1  # s ends with a non-space, so this only runs when it ends with a period
+    return s[:end]
 
 
 def _explicit_answer(text: str) -> str | None:
     """The answer stated in an explicit form (boxed, ####, "the answer is"), or None."""
-    boxed = _boxed_answers(text)
+    boxed = _last_boxed(text)
     if boxed:
-        return boxed[-1]
+        return boxed
     for m in reversed(list(_HASH_RE.finditer(text))):
-        ans = _answer_from_phrase(text[m.end() :])
+        ans = _answer_from_phrase(_phrase_after(text, m.end()))
         if ans:
             return ans
     for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
-        ans = _answer_from_phrase(text[m.end() :])
+        ans = _answer_from_phrase(_phrase_after(text, m.end()))
         if ans:
             return ans
     return None
@@ -186,12 +202,15 @@ def _last_number(text: str) -> str | None:
     return last
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a completion (see the module docstring for the priority), or None."""
+def extract_answer(text: str, require_final: bool = False) -> str | None:
+    """The final answer of a completion (see the module docstring for the priority), or None.
+
+    require_final: only an explicitly stated answer (steps 1-3), never the last number of the text.
+    """
     if not isinstance(text, str) or not text.strip():
         return None
     try:
-        return _explicit_answer(text) or _last_number(text)
+        return _explicit_answer(text) or (None if require_final else _last_number(text))
     except Exception:  # a regex on odd input must never crash a reward
         return None
 
@@ -360,23 +379,11 @@ def _too_expensive(s: str) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=8192)
-def _mv_parse(s: str) -> tuple:
-    from math_verify import parse
-
-    return tuple(parse("$" + s + "$", parsing_timeout=_mv_timeout()))
-
-
+@functools.lru_cache(maxsize=8192)  # a timed-out check raises, so it is not cached
 def _mv_equivalent(pred: str, gold: str) -> bool:
-    from math_verify import verify
-
     if _too_expensive(pred) or _too_expensive(gold):
-        return False
-    gold_parsed = _mv_parse(gold)
-    pred_parsed = _mv_parse(pred)
-    if not gold_parsed or not pred_parsed:
-        return False
-    return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_mv_timeout()))
+        return False  # cheaper than starting a worker that will time out
+    return verify_worker.equivalent(pred, gold)
 
 
 def is_equivalent(pred: str | None, gold: str | None) -> bool:
@@ -406,6 +413,11 @@ def is_equivalent(pred: str | None, gold: str | None) -> bool:
 def math_correct(completion: str, gold: str) -> float:
     """1.0 if the completion's final answer equals the gold answer, else 0.0."""
     return 1.0 if is_equivalent(extract_answer(completion), gold) else 0.0
+
+
+def math_correct_final(completion: str, gold: str) -> float:
+    """math_correct that credits only an explicitly stated final answer (`[reward] require_final_answer`)."""
+    return 1.0 if is_equivalent(extract_answer(completion, require_final=True), gold) else 0.0
 
 
 def format_reward(completion: str, gold: str) -> float:
@@ -466,14 +478,17 @@ def score(
     golds: Sequence[str],
     functions: tuple[str, ...] = ("math_correct",),
     format_weight: float = 0.1,
+    require_final_answer: bool = False,
 ) -> tuple[list[float], list[bool]]:
     """Total reward per completion (sum of `functions`, "format" scaled by `format_weight`) and correctness.
 
     Correctness (math_correct == 1) is reported whether or not "math_correct" is among the functions.
+    require_final_answer: "math_correct" (and the correctness) credit only an explicitly stated final answer.
     """
     if len(completions) != len(golds):
         raise ValueError(f"score: {len(completions)} completions but {len(golds)} gold answers")
-    resolved = [(name, get_reward_fn(name)) for name in functions]
+    correct_fn = math_correct_final if require_final_answer else math_correct
+    resolved = [(name, correct_fn if name == "math_correct" else get_reward_fn(name)) for name in functions]
     totals: list[float] = []
     correct: list[bool] = []
     for completion, gold in zip(completions, golds):
@@ -485,7 +500,7 @@ def score(
                 is_right = value == 1.0
             total += format_weight * value if name == "format" else value
         if is_right is None:
-            is_right = math_correct(completion, gold) == 1.0
+            is_right = correct_fn(completion, gold) == 1.0
         totals.append(total)
         correct.append(is_right)
     return totals, correct

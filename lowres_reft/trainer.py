@@ -132,7 +132,8 @@ def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: li
     rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids)
     texts = decode_completions(policy.tokenizer, rollout.completion_ids, rollout.completion_mask)
     golds = [problems[i].answer for i in indices for _ in range(G)]
-    rewards, correct = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight)
+    rewards, correct = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight,
+                             recipe.reward.require_final_answer)
     rewards_t = torch.tensor(rewards, dtype=torch.float32, device=rollout.completion_ids.device)
     advantages = L.group_advantages(rewards_t, G, recipe.loss.advantage_scale, recipe.loss.advantage_eps)
     return ScoredBatch(rollout, rewards_t, advantages, correct)
@@ -143,7 +144,11 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
     """Backward of the batch's loss (times `scale`), micro-batch by micro-batch. Returns logp (detached) + stats.
 
     `totals` are the aggregation normalizers (default: this batch's own token and sequence counts).
+    Puts the model in train mode: gradient checkpointing only runs in train mode, and a model left in eval mode
+    (from_pretrained's default, or any `model.eval()` before) would silently keep every layer's activations.
+    Sampling and evaluation set eval mode themselves.
     """
+    policy.model.train()
     r = batch.rollout
     mask = r.completion_mask
     if totals is None:
@@ -165,6 +170,7 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
             kl = L.aggregate(L.kl_k3(logp, ref_logp), mask[sl], cfg.aggregation, **totals)
             micro_loss = micro_loss + cfg.kl_beta * kl
             kls += float(kl.detach())
+            del kl
         if not torch.isfinite(micro_loss):
             finite = False  # never backpropagate NaN/inf into the adapters; the step is skipped
         elif finite:
@@ -172,6 +178,8 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
         losses += float(micro_loss.detach())
         clipped += clip_frac * float(mask[sl].sum())
         logps.append(logp.detach())
+        # Without a backward the graph keeps its saved activations: drop it before the next micro-batch's forward.
+        del logp, objective, micro_loss
     all_logp = torch.cat(logps)
     stats = L.correction_weights(all_logp, r.behavior_logp, mask, cfg.correction, cfg.is_cap, cfg.retrace_lambda).stats
     return {"logp": all_logp, "loss": losses, "kl": kls, "clip_frac": clipped / totals["total_tokens"], "finite": finite, **stats}

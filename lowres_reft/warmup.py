@@ -83,8 +83,9 @@ def sft_token_logp(model, batch: SFTBatch, chunk: int = 1024) -> Tensor:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(p for p in model.parameters()).device
     ids = batch.input_ids.to(device)
+    # use_cache=False: a training forward has no later tokens to decode; a KV cache would only hold memory.
     hidden = inner.model(input_ids=ids, attention_mask=batch.attention_mask.to(device),
-                         position_ids=batch.position_ids.to(device)).last_hidden_state
+                         position_ids=batch.position_ids.to(device), use_cache=False).last_hidden_state
     # The hidden state at position t predicts token t + 1: keep only the positions whose next token has a loss.
     keep = batch.loss_mask[:, 1:].to(device).bool()
     selected = hidden[:, :-1][keep]  # (N, H)

@@ -268,6 +268,23 @@ def test_ppo_clip_value_gradient_and_fraction():
     torch.testing.assert_close(leaf.grad, torch.tensor(grad_ref, dtype=torch.float64))
 
 
+def test_ppo_clip_fraction_depends_on_the_advantage_sign():
+    # Asymmetric: only ratios above 1 + eps_high. With A > 0 they are clipped, with A < 0 they are not.
+    ratios = torch.tensor([[1.5, 1.6, 1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    w = torch.ones(1, 3, dtype=torch.float64)
+    _, frac_pos = policy_objective(ratios.log(), w, torch.tensor([1.0], dtype=torch.float64), mask, old_logp=old)
+    _, frac_neg = policy_objective(ratios.log(), w, torch.tensor([-1.0], dtype=torch.float64), mask, old_logp=old)
+    assert frac_pos == pytest.approx(2 / 3)
+    assert frac_neg == 0.0
+    # And ratios below 1 - eps: clipped only with A < 0.
+    low = torch.tensor([[0.5, 1.0, 1.0]], dtype=torch.float64)
+    _, frac_pos = policy_objective(low.log(), w, torch.tensor([1.0], dtype=torch.float64), mask, old_logp=old)
+    _, frac_neg = policy_objective(low.log(), w, torch.tensor([-1.0], dtype=torch.float64), mask, old_logp=old)
+    assert (frac_pos, frac_neg) == (0.0, pytest.approx(1 / 3))
+
+
 def test_ppo_first_update_equals_plain_objective():
     logp, blogp, _, rewards, mask = make_batch(seed=5)
     w = correction_weights(logp, blogp, mask, "tis").weights
@@ -295,6 +312,23 @@ def test_group_advantages():
         group_advantages(r, 5)
     with pytest.raises(ValueError):
         group_advantages(r, 4, scale="minmax")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [0.0, 1e-4])
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_equal_reward_groups_get_exact_zero(dtype, eps, scale):
+    # The float mean of G equal values is not always that value (8 x 0.1 in float32): without an exact
+    # equality check eps = 0 turned the rounding error into advantages of -0.935.
+    for value in (0.1, 0.2, 0.7, 1 / 3, 1.1):
+        for g in range(2, 17):
+            other = torch.full((g,), 2.0, dtype=dtype)
+            other[0] = 0.0  # a second group that is not equal keeps its usual advantages
+            r = torch.cat([torch.full((g,), value, dtype=dtype), other])
+            adv = group_advantages(r, g, scale, eps)
+            assert torch.equal(adv[:g], torch.zeros(g, dtype=dtype)), (value, g)
+            expected = torch.tensor(ref_advantages(other.double().tolist(), g, scale, eps), dtype=dtype)
+            torch.testing.assert_close(adv[g:], expected)
 
 
 def test_kl_k3():

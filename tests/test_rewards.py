@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from lowres_reft.rewards import (
     get_reward_fn,
     is_equivalent,
     math_correct,
+    math_correct_final,
     score,
 )
 
@@ -143,6 +147,11 @@ def test_math_correct_table(completion, gold, expected):
         ("The answer is\n42", "42"),
         ("\\boxed{4} The answer is 5", "4"),  # boxed has priority
         ("#### 4\nThe answer is 5", "4"),  # #### before "the answer is"
+        ("#### 4\nso far.\n#### 6\nend", "6"),  # two markers: the last one
+        ("\\boxed{\\boxed{4}} and \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # last by command position
+        ("\\boxed{4} then \\boxed{5", "4"),  # the unclosed one is not an answer
+        ("\\boxed{3 \\} 4} ", "3 \\} 4"),  # escaped brace
+        ("\\boxed{7} \\boxed{  }", "7"),  # blank box skipped
         ("I had 3 apples and 5-2 pears", "2"),  # '-' after a digit is an operator
         ("It is -7", "-7"),
         ("a total of 1,234 items", "1,234"),
@@ -153,6 +162,30 @@ def test_math_correct_table(completion, gold, expected):
 )
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Completions that made extraction quadratic (N = 20,000 unclosed boxes took 78 s), checked with N = 50,000.
+_ADVERSARIAL = r"""
+from lowres_reft.rewards import extract_answer, math_correct
+N = 50_000
+assert extract_answer("\\boxed{" * N) is None
+assert extract_answer("\\boxed{1} " + "\\boxed{" * N) == "1"
+assert extract_answer("\\boxed{" * N + "7" + "}" * N) == "7"
+assert extract_answer("\\boxed x" * N) == "x"
+assert extract_answer("the answer is . " * N + "so 5") == "5"
+assert extract_answer("#### . " * N + "so 5") == "5"
+assert math_correct("\\boxed{5" + "." * N + "}", "5") == 1.0
+print("done")
+"""
+
+
+def test_extraction_is_linear_on_adversarial_completions():
+    # A hang guard, not a speed claim: the quadratic version needs many minutes for these inputs.
+    proc = subprocess.run([sys.executable, "-c", _ADVERSARIAL], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "done"
 
 
 def test_extract_answer_non_string():
@@ -286,6 +319,35 @@ def test_symbolic_check_in_thread_uncached():
     assert got == [True, True, False]
 
 
+def _in_thread(fn, *args, guard_s: float = 120):
+    """fn(*args) in a daemon thread; a hang guard (not a speed claim) fails the test instead of hanging it."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    thread.start()
+    thread.join(guard_s)
+    assert not thread.is_alive(), f"{fn.__name__}{args} still running after {guard_s} s"
+    return out[0]
+
+
+def test_symbolic_check_time_is_bounded_in_threads():
+    # Off the main thread math-verify has no timeout of its own: this one ran for minutes in a reward thread.
+    assert _in_thread(is_equivalent, "2^{99999*99999}", "5") is False
+
+
+def test_stuck_worker_is_killed_and_replaced(monkeypatch):
+    from lowres_reft import verify_worker
+
+    # A bound shorter than the check needs: the worker is killed, the check counts as wrong (and is not cached).
+    monkeypatch.setattr(verify_worker, "CALL_TIMEOUT_S", 0.5)
+    with pytest.raises(verify_worker.WorkerTimeout):
+        verify_worker.equivalent("2^{99999*99999}", "6")
+    assert _in_thread(is_equivalent, "2^{99999*99999}", "6") is False
+    monkeypatch.undo()
+    # A fresh worker serves the next checks.
+    assert _in_thread(is_equivalent, "z+4", "4+z") is True
+    assert verify_worker.equivalent("z-4", "4+z") is False
+
+
 # --------------------------------------------------------------------------------------------------
 # score
 
@@ -315,3 +377,29 @@ def test_score_custom_function_and_errors():
         score(["x"], ["1"], ("nope",), format_weight=0.1)
     with pytest.raises(ValueError):
         score(["x", "y"], ["1"], ("math_correct",), format_weight=0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# [reward] require_final_answer
+
+GSM8K_SOLUTION = (
+    "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
+)
+
+
+def test_require_final_answer_credits_only_a_stated_answer():
+    unfinished = GSM8K_SOLUTION.rsplit("\n####", 1)[0]  # the reasoning ends on 72 but states no final answer
+    assert extract_answer(unfinished) == "72"
+    assert extract_answer(unfinished, require_final=True) is None
+    assert math_correct(unfinished, "72") == 1.0
+    assert math_correct_final(unfinished, "72") == 0.0
+    for stated in (GSM8K_SOLUTION, unfinished + "\nThe answer is 72.", unfinished + " So \\boxed{72}."):
+        assert math_correct_final(stated, "72") == 1.0, stated
+    assert math_correct_final(unfinished + "\n#### 71", "72") == 0.0
+
+    completions, golds = [unfinished, GSM8K_SOLUTION, "no idea"], ["72"] * 3
+    assert score(completions, golds, ("math_correct",)) == ([1.0, 1.0, 0.0], [True, True, False])
+    strict = score(completions, golds, ("math_correct",), require_final_answer=True)
+    assert strict == ([0.0, 1.0, 0.0], [False, True, False])
+    # Correctness follows the strict check also when only the format reward is summed.
+    assert score(completions, golds, ("format",), 0.5, require_final_answer=True) == ([0.0, 0.5, 0.0], [False, True, False])

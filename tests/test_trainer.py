@@ -1,6 +1,7 @@
 """Training-loop pieces: schedules, data order, non-finite updates, and the optional paths (KL, PPO, accumulation)."""
 
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,114 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
 
     with pytest.raises(UsageError, match="not writable"):
         trainer.train(load_recipe(ROOT / "recipes" / "tiny-cpu.toml", SMALL + [f"log.output_dir={blocker}"]))
+
+
+def test_prompt_indices_cross_epoch_boundaries(tmp_path):
+    # 5 prompts per step over 12 problems: steps straddle epochs (positions 10..14 = 2 of epoch 0, 3 of epoch 1).
+    recipe = _recipe(tmp_path, "rollout.prompts_per_step=5")
+    n = 12
+    seen = [i for step in range(1, 13) for i in trainer.prompt_indices(step, 0, recipe, n)]  # 60 = 5 epochs
+    for epoch in range(5):
+        assert sorted(seen[epoch * n : (epoch + 1) * n]) == list(range(n)), epoch
+    assert seen[:n] != seen[n : 2 * n]  # a fresh permutation each epoch
+
+
+# ---------------------------------------------------------------- update phase: mode and memory
+
+
+def _fake_batch(policy, rows: int = 4, prompt_len: int = 6, completion_len: int = 24, seed: int = 0):
+    from lowres_reft.rollout import RolloutBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = policy.model.get_base_model().config.vocab_size
+    mask = torch.ones(rows, completion_len)
+    rollout = RolloutBatch(
+        prompt_ids=torch.randint(1, vocab, (rows, prompt_len), generator=gen), prompt_mask=torch.ones(rows, prompt_len, dtype=torch.long),
+        completion_ids=torch.randint(1, vocab, (rows, completion_len), generator=gen), completion_mask=mask,
+        behavior_logp=-torch.rand(rows, completion_len, generator=gen) * 3, truncated=torch.zeros(rows, dtype=torch.bool),
+        skip=(), seconds=1.0,
+    )
+    rewards = torch.tensor([1.0, 0.0] * (rows // 2))
+    return trainer.ScoredBatch(rollout, rewards, trainer.L.group_advantages(rewards, 2), [False] * rows)
+
+
+def _saved_bytes_of_update(policy, batch, micro: int) -> int:
+    """Bytes autograd saves for backward (outside checkpointed regions) during accumulate_gradients."""
+    from lowres_reft.config import LossConfig
+
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t.detach()  # not `t`: a saved output would tie a reference cycle through its grad_fn
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.accumulate_gradients(policy, batch, LossConfig(), 1.0, micro, batch.rollout.completion_ids.shape[1], 1.0, None)
+    return total
+
+
+def test_gradient_checkpointing_is_in_effect_after_model_eval(tiny_cache):
+    from conftest import tiny_model_cfg
+
+    from lowres_reft.config import LoraConfig
+    from lowres_reft.model import load_policy
+
+    saved = {}
+    for checkpointing in (False, True):
+        policy = load_policy(tiny_model_cfg(load_in_4bit=True), LoraConfig(r=4, alpha=8, dropout=0.0), cache_dir=tiny_cache,
+                             gradient_checkpointing=checkpointing)
+        policy.model.eval()  # e.g. an evaluation just before the update
+        saved[checkpointing] = _saved_bytes_of_update(policy, _fake_batch(policy), micro=4)
+    # Without checkpointing every layer keeps its activations; with it only the layer inputs are saved.
+    assert saved[True] < saved[False] / 2, saved
+
+
+def test_nonfinite_micro_batch_frees_its_graph_before_the_next(tiny_policy, monkeypatch):
+    from lowres_reft.config import LossConfig
+
+    policy = tiny_policy()
+    real_objective, real_logp = trainer.L.policy_objective, trainer.completion_logp
+
+    def poisoned(*args, **kwargs):
+        objective, clip = real_objective(*args, **kwargs)
+        return objective * float("nan"), clip
+
+    class Held:  # what autograd keeps for backward, tracked through a weak set
+        __slots__ = ("tensor", "__weakref__")
+
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    held, alive_at_forward = weakref.WeakSet(), []
+
+    def pack(t):
+        h = Held(t.detach())  # detached: holding `t` itself would tie a reference cycle through its grad_fn
+        held.add(h)
+        return h
+
+    def counting_logp(*args, **kwargs):
+        alive_at_forward.append(len(held))  # saved tensors of earlier micro-batches still alive
+        return real_logp(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.L, "policy_objective", poisoned)
+    monkeypatch.setattr(trainer, "completion_logp", counting_logp)
+    batch = _fake_batch(policy, rows=6)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor):
+        result = trainer.accumulate_gradients(policy, batch, LossConfig(), 1.0, 2, 24, 1.0, None)
+    assert not result["finite"]
+    assert alive_at_forward == [0, 0, 0]
+    assert all(p.grad is None for p in trainer.trainable(policy))
+
+
+def test_recipes_choose_require_final_answer(tmp_path, monkeypatch):
+    # Real data (the system prompt asks for \\boxed{}): strict. The demo's solutions ("3+4=7.") state no marker: lenient.
+    for name in ("qwen-0.5b-svamp", "qwen-1.5b-gsm8k", "qwen-1.5b-math12k", "qwen-7b-gsm8k"):
+        assert load_recipe(ROOT / "recipes" / f"{name}.toml").reward.require_final_answer, name
+    assert not load_recipe(ROOT / "recipes" / "tiny-cpu.toml").reward.require_final_answer
+    # The trainer hands the option to the reward.
+    seen, real = [], trainer.score
+    monkeypatch.setattr(trainer, "score", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    trainer.train(_recipe(tmp_path, "train.steps=1", "eval.before_training=false", "reward.require_final_answer=true"),
+                  log=lambda *a: None)
+    assert seen == [True]
