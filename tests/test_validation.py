@@ -128,7 +128,8 @@ def test_eval_huge_max_new_tokens_is_one_line(tiny_cache, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [(["--temperature", "1e-300"], "--temperature"),
                                           (["--seed", str(2**64)], "--seed")])
 def test_eval_refuses_degenerate_sampling_settings(tmp_path, capsys, args, message):
-    code = main(["eval", "builtin:tiny", "--cache-dir", str(tmp_path), "--data", "builtin:arithmetic", *args])
+    code = main(["eval", "builtin:tiny", "--cache-dir", str(tmp_path), "--data", "builtin:arithmetic", *args,
+                 "--out", str(tmp_path / "p.jsonl")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
