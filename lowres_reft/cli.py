@@ -84,8 +84,11 @@ def _export(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from lowres_reft.config import load_recipe, recipe_to_toml
+    from lowres_reft.rewards import resolve_rewards
 
-    print(recipe_to_toml(load_recipe(args.recipe, args.overrides)))
+    recipe = load_recipe(args.recipe, args.overrides)
+    resolve_rewards(recipe.reward.functions)  # `check` promises what `run` will accept: reward names included
+    print(recipe_to_toml(recipe))
     return 0
 
 

@@ -19,6 +19,12 @@ from typing import Any, Literal
 
 from lowres_reft.errors import ConfigError
 
+# Sane bounds: an Adam learning rate above 1 only diverges; below MIN_TEMPERATURE logits / T overflow float32;
+# seeds must fit torch's 64-bit generator after the per-process offset.
+MAX_LR = 1.0
+MIN_TEMPERATURE = 1e-3
+MAX_SEED = 2**63
+
 DEFAULT_SYSTEM_PROMPT = (
     "Solve the math problem. Reason step by step, then give the final answer as \\boxed{ANSWER}."
 )
@@ -91,6 +97,7 @@ class DataConfig:
     builtin_test_size: int = 200
 
     def validate(self) -> None:
+        _require(self.path is None or self.path.strip() != "", "path", 'must not be empty (omit it to use the named dataset; "." for the current directory)')
         for key in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             _require(value is None or value >= 1, key, "must be >= 1 (or omitted for all)")
@@ -112,7 +119,7 @@ class WarmupConfig:
 
     def validate(self) -> None:
         _require(self.steps >= 0, "steps", "must be >= 0")
-        _require(self.lr > 0.0, "lr", "must be > 0")
+        _require(0.0 < self.lr <= MAX_LR, "lr", f"must be in (0, {MAX_LR:g}]")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.max_tokens >= 8, "max_tokens", "must be >= 8")
 
@@ -158,7 +165,8 @@ class RolloutConfig:
         _require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         _require(self.group_size >= 2, "group_size", "must be >= 2 (group advantages need at least two completions)")
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        _require(self.temperature > 0.0, "temperature", "must be > 0 (training samples; greedy is for eval)")
+        _require(self.temperature >= MIN_TEMPERATURE, "temperature",
+                 f"must be >= {MIN_TEMPERATURE:g} (training samples; greedy is for eval; below that logits / T overflow)")
         _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         _require(self.micro_batch >= 0, "micro_batch", "must be >= 0")
 
@@ -166,8 +174,8 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class LossConfig:
     correction: Literal["none", "tis", "seq_is", "retrace"] = "retrace"
-    # Cap on importance ratios (tis, seq_is, retrace); inf = uncapped.
-    is_cap: float = 2.0
+    # Cap on importance ratios (tis, seq_is, retrace); inf = uncapped (the one float key where inf is allowed).
+    is_cap: float = field(default=2.0, metadata={"allow_inf": True})
     retrace_lambda: float = 1.0
     # "std": A = (R - mean) / (std + eps) (GRPO); "none": A = R - mean (Dr. GRPO).
     advantage_scale: Literal["std", "none"] = "std"
@@ -211,12 +219,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         _require(self.steps >= 1, "steps", "must be >= 1")
-        _require(self.lr > 0.0, "lr", "must be > 0")
+        _require(0.0 < self.lr <= MAX_LR, "lr", f"must be in (0, {MAX_LR:g}]")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.weight_decay >= 0.0, "weight_decay", "must be >= 0")
         _require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         _require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         _require(self.max_grad_norm > 0.0, "max_grad_norm", "must be > 0")
+        _require(0 <= self.seed < MAX_SEED, "seed", "must be in [0, 2^63)")
 
 
 @dataclass(frozen=True)
@@ -275,9 +284,13 @@ class RewardConfig:
     # otherwise the last number of the text counts, so reasoning that merely ends on the answer earns full credit.
     # Lenient by default (custom or unformatted data); the real-data recipes turn it on, see their comments.
     require_final_answer: bool = False
+    # Seconds one reward call may take; past it the completion scores 0 and metrics count a reward_timeout
+    # (the call is abandoned in its worker thread). 0 = wait forever.
+    timeout_s: float = 10.0
 
     def validate(self) -> None:
         _require(len(self.functions) > 0, "functions", "must name at least one reward function")
+        _require(self.timeout_s >= 0.0, "timeout_s", "must be >= 0 (0 = no timeout)")
 
 
 @dataclass(frozen=True)
@@ -393,6 +406,11 @@ def _build_section(cls: type, values: dict[str, Any], section: str, source: str)
             raise ConfigError(
                 f"{source}: [{section}] {key} must be {_type_name(hints[key])}, got {value!r}"
             ) from None
+    for f in dataclasses.fields(cls):
+        value = kwargs.get(f.name)
+        if isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and f.metadata.get("allow_inf")):
+            # NaN/inf would pass most range checks silently (every comparison with NaN is False).
+            raise ConfigError(f"{source}: [{section}] {f.name} must be a finite number, got {value!r}")
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         try:

@@ -367,6 +367,8 @@ def _load_split(
     name: str, schema: _Schema, cfg: DataConfig, split_name: str, split_key: str
 ) -> tuple[datasets.Dataset, str]:
     if cfg.path is not None:
+        if not cfg.path.strip():  # Path("") is the current directory: never what an empty setting means
+            raise UsageError('[data] path = "": empty; omit it to use the named dataset, or give a file or directory')
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise UsageError(f"[data] path = {cfg.path!r}: no such file or directory")
@@ -459,10 +461,15 @@ def _load_file(path: Path, schema: _Schema, files: list[Path]) -> datasets.Datas
     import datasets
 
     fmt = _file_format(files[0], schema)
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty:  # datasets' json builder fails on an empty file with a bare StopIteration
+        raise UsageError(f"[data] path: {empty[0]} is empty")
     try:
         return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
-    except (datasets.exceptions.DatasetsError, ValueError, OSError, UnicodeDecodeError) as err:
+    except (datasets.exceptions.DatasetsError, ValueError, OSError, UnicodeDecodeError, StopIteration) as err:
         cause = err.__cause__ if err.__cause__ is not None else err
+        if isinstance(cause, StopIteration) or isinstance(err, StopIteration):  # blank lines only: no rows
+            raise UsageError(f"[data] path: {files[0]} has no rows") from None
         where = str(files[0]) if len(files) == 1 else f"{len(files)} files in {path}"
         raise UsageError(f"[data] path: cannot read {where} as {fmt} ({_first_line(cause)})") from None
 
@@ -516,9 +523,12 @@ def _load_directory(path: Path, schema: _Schema, split_name: str, split_key: str
             "point [data] path at one of them"
         )
     files = [f for f in files if f.parent == dirs[0]]
-    # One format only (the first by name order if a folder mixes them).
-    fmt = _EXTENSIONS[files[0].suffix.lower()]
-    files = [f for f in files if _EXTENSIONS[f.suffix.lower()] == fmt]
+    by_format: dict[str, Path] = {}
+    for f in files:
+        by_format.setdefault(_EXTENSIONS[f.suffix.lower()], f)
+    if len(by_format) > 1:  # e.g. train.csv next to train.jsonl: which one is meant is a guess
+        listed = " and ".join(str(f) for f in by_format.values())
+        raise UsageError(f"[data] {split_key} = {split_name!r}: both {listed} hold this split; remove one, or point [data] path at a file")
     source = str(files[0]) if len(files) == 1 else f"{dirs[0]}/{split_name}*"
     return _load_file(path, schema, files), source
 
@@ -545,6 +555,22 @@ def _resolve_fields(schema: _Schema, cfg: DataConfig, columns: list[str], source
     return _Fields(question, answer, solution)
 
 
+def _check_cell_types(columns: dict[str, list[Any]], source: str) -> None:
+    """Text fields hold text or numbers; a bool/list/dict/bytes cell would silently become "False", "[1, 2]" or
+    "b'\\xff'" as a question or gold answer, so it is refused with its row (1-based) and field."""
+    for name, values in columns.items():
+        for row, value in enumerate(values, start=1):
+            if value is None or isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                continue
+            raise UsageError(f"{source}: row {row}, field {name!r}: a {type(value).__name__} value ({_short(value)}); "
+                             "questions, answers and solutions must be text or numbers")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _to_problems(
     ds: datasets.Dataset, schema: _Schema, fields: _Fields, seed: int, limit: int | None, source: str
 ) -> list[Problem]:
@@ -556,6 +582,7 @@ def _to_problems(
     n_rows = ds.num_rows
     order = list(range(n_rows))
     random.Random(seed).shuffle(order)
+    _check_cell_types(columns, source)
     problems: list[Problem] = []
     skipped = 0
     for i in order:

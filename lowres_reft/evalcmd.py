@@ -161,6 +161,7 @@ def resolve_target(text: str, cache_dir: str | Path = "runs") -> Target:
     if (path / "adapter").is_dir() or (path / "recipe.toml").is_file():
         return _checkpoint_target(text, path)
     if (path / "config.json").is_file():
+        _check_model_config(text, path / "config.json")
         return Target("model", text, str(path))
     if (path / "adapter_config.json").is_file():
         raise UsageError(
@@ -182,6 +183,16 @@ def resolve_target(text: str, cache_dir: str | Path = "runs") -> Target:
         f"{text}: not a model directory (no config.json), checkpoint (adapter/ + recipe.toml) "
         "or run directory (checkpoint-*)"
     )
+
+
+def _check_model_config(text: str, config: Path) -> None:
+    """A Hugging Face model directory's config.json names its model_type; anything else is not a model."""
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{text}: not a model directory (config.json is unreadable: {type(err).__name__})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise UsageError(f"{text}: not a model directory (config.json has no model_type)")
 
 
 def _checkpoint_target(text: str, ckpt: Path) -> Target:
@@ -254,8 +265,12 @@ def _settings(args: argparse.Namespace, recipe) -> Settings:
         raise UsageError(f"--k {args.k}: must be >= 1")
     if args.n is not None and args.n < 1:
         raise UsageError(f"--n {args.n}: must be >= 1 (or leave it out for the whole split)")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise UsageError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    from lowres_reft.config import MAX_SEED, MIN_TEMPERATURE
+
+    if not math.isfinite(args.temperature) or args.temperature < 0 or 0 < args.temperature < MIN_TEMPERATURE:
+        raise UsageError(f"--temperature {args.temperature}: must be 0 (greedy) or >= {MIN_TEMPERATURE:g}")
+    if not 0 <= args.seed < MAX_SEED:
+        raise UsageError(f"--seed {args.seed}: must be in [0, 2^63)")
     if not 0.0 < args.top_p <= 1.0:
         raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
     greedy = args.temperature == 0.0
@@ -431,6 +446,9 @@ def run(args: argparse.Namespace) -> int:
 
     problems = load_problems(data_cfg, "eval")
     policy, model_cfg = load_target(target, args)
+    from lowres_reft.rollout import check_generation_length
+
+    check_generation_length(policy.model, "--max-new-tokens", settings.max_new_tokens)
     recipe = dataclasses.replace(target.recipe or Recipe(), data=data_cfg)
     prompts = encode_prompts(policy.tokenizer, problems, recipe)
     eos_ids = eos_token_ids(policy)

@@ -114,6 +114,11 @@ def _check_output(out: Path) -> None:
         raise UsageError(f"{out}: output path exists and is not a directory; choose a new path")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"{out}: output directory exists and is not empty; choose a new path or remove it")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):  # the temp dir is made beside `out`
+        raise UsageError(f"{out}: cannot write there ({existing} is not a writable directory)")
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -137,9 +142,12 @@ def _write_atomically(jobs) -> list[Path]:
                 out.rmdir()  # empty: replace it
             tmp.rename(out)
             placed.append(out)
-    except BaseException:
+    except BaseException as err:
         for path in temps + placed:
             shutil.rmtree(path, ignore_errors=True)
+        if isinstance(err, OSError):  # read-only or full file system: one line, nothing left behind
+            where = err.filename or (temps[-1] if temps else jobs[0][0])
+            raise UsageError(f"export: cannot write {where} ({err.strerror or type(err).__name__}); nothing was written") from None
         raise
     return [out for out, _ in jobs]
 

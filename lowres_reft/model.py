@@ -83,6 +83,8 @@ def _hub_call(fn, name: str):
         return fn()
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if Path(name).expanduser().is_dir():  # a local directory: the network is not the problem
+            raise UsageError(f"{name}: not a loadable model directory ({first[:160]})") from None
         raise UsageError(
             f"cannot load model {name!r} ({first[:160]}); it needs network access to the hub or a local copy: "
             f'set [model] name = "/path/to/model"'

@@ -26,14 +26,20 @@ front as wrong. No exception ever leaves a reward function: a failure while chec
 from __future__ import annotations
 
 import bisect
+import difflib
 import functools
 import importlib
+import math
+import queue
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from typing import NamedTuple
 
 from lowres_reft import verify_worker
-from lowres_reft.errors import ConfigError
+from lowres_reft.errors import ConfigError, UsageError
 
 RewardFn = Callable[[str, str], float]
 
@@ -447,8 +453,10 @@ def get_reward_fn(name: str) -> RewardFn:
         return REWARDS[name]
     if ":" not in name:
         known = ", ".join(sorted(REWARDS))
+        close = difflib.get_close_matches(name, list(REWARDS), n=1, cutoff=0.6)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
         raise ConfigError(
-            f"unknown reward function {name!r}; known: {known} "
+            f"unknown reward function {name!r}{hint}; known: {known} "
             f"(or name your own as 'package.module:function')"
         )
     module_name, _, attr = name.partition(":")
@@ -473,29 +481,112 @@ def get_reward_fn(name: str) -> RewardFn:
     return fn
 
 
+class Scores(NamedTuple):
+    rewards: list[float]  # total reward per completion
+    correct: list[bool]  # math_correct == 1 per completion
+    timeouts: int  # reward calls abandoned after timeout_s (each scored 0)
+
+
+class _RewardWorker:
+    """A daemon thread running reward calls one at a time. A call that overruns its timeout is abandoned with
+    its worker (Python threads cannot be killed); the next call gets a fresh worker. Daemon, so a hung call
+    never keeps the process alive at exit."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="reward-worker", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, box = self.jobs.get()
+            try:
+                box.put((True, fn(*args)))
+            except BaseException as e:  # handed to the caller, which names the function and the completion
+                box.put((False, e))
+
+    def call(self, fn: RewardFn, args: tuple, timeout_s: float) -> tuple[str, object]:
+        """("ok", value) | ("raised", exception) | ("timeout", None). Waits in short slices so that the main
+        thread's signal handlers (Ctrl-C) run while a reward is being computed."""
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs.put((fn, args, box))
+        deadline = time.monotonic() + timeout_s if timeout_s > 0 else math.inf
+        while True:
+            try:
+                ok, value = box.get(timeout=min(_WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
+                return ("ok" if ok else "raised"), value
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    return "timeout", None
+
+
+_WAIT_SLICE_S = 0.1
+
+
+def _describe(completion: str, index: int) -> str:
+    text = _one_line(completion)
+    return f"completion {index} ({text[:60]!r}{'...' if len(text) > 60 else ''})"
+
+
+def _as_reward(name: str, value: object, completion: str, index: int) -> float:
+    """A reward function's return value as a finite float, else a one-line UsageError naming both."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = None
+    if isinstance(value, (str, bytes)) or number is None:
+        raise UsageError(f"reward function {name!r} returned {value!r} (not a number) for {_describe(completion, index)}")
+    if not math.isfinite(number):
+        # NaN/inf would zero the group's advantages (or poison the loss) and the run would learn nothing silently.
+        raise UsageError(f"reward function {name!r} returned {number} (rewards must be finite) for {_describe(completion, index)}")
+    return number
+
+
+def resolve_rewards(functions: Sequence[str]) -> list[tuple[str, RewardFn]]:
+    """(name, function) for every configured reward; unknown names raise ConfigError before a run starts."""
+    return [(name, get_reward_fn(name)) for name in functions]
+
+
 def score(
     completions: Sequence[str],
     golds: Sequence[str],
     functions: tuple[str, ...] = ("math_correct",),
     format_weight: float = 0.1,
     require_final_answer: bool = False,
-) -> tuple[list[float], list[bool]]:
-    """Total reward per completion (sum of `functions`, "format" scaled by `format_weight`) and correctness.
+    timeout_s: float = 0.0,
+) -> Scores:
+    """Total reward per completion (sum of `functions`, "format" scaled by `format_weight`), correctness, and
+    the number of reward calls that timed out.
 
     Correctness (math_correct == 1) is reported whether or not "math_correct" is among the functions.
     require_final_answer: "math_correct" (and the correctness) credit only an explicitly stated final answer.
+    Every call runs in a worker thread; one that takes longer than `timeout_s` (> 0) scores 0 and is counted.
+    A function that raises, or returns something that is not a finite number, stops scoring with a one-line
+    UsageError naming the function and the completion's index in the batch.
     """
     if len(completions) != len(golds):
         raise ValueError(f"score: {len(completions)} completions but {len(golds)} gold answers")
     correct_fn = math_correct_final if require_final_answer else math_correct
-    resolved = [(name, correct_fn if name == "math_correct" else get_reward_fn(name)) for name in functions]
+    resolved = [(name, correct_fn if name == "math_correct" else fn) for name, fn in resolve_rewards(functions)]
+    worker = _RewardWorker()
     totals: list[float] = []
     correct: list[bool] = []
-    for completion, gold in zip(completions, golds):
+    timeouts = 0
+    for index, (completion, gold) in enumerate(zip(completions, golds)):
         total = 0.0
         is_right: bool | None = None
         for name, fn in resolved:
-            value = float(fn(completion, gold))
+            status, result = worker.call(fn, (completion, gold), timeout_s)
+            if status == "raised":
+                if isinstance(result, KeyboardInterrupt):
+                    raise result
+                raise UsageError(f"reward function {name!r} raised {type(result).__name__}: "
+                                 f"{_one_line(result)[:200]} on {_describe(completion, index)}")
+            if status == "timeout":
+                timeouts += 1
+                worker = _RewardWorker()  # the old one is stuck in the abandoned call
+                value = 0.0
+            else:
+                value = _as_reward(name, result, completion, index)
             if name == "math_correct":
                 is_right = value == 1.0
             total += format_weight * value if name == "format" else value
@@ -503,4 +594,4 @@ def score(
             is_right = correct_fn(completion, gold) == 1.0
         totals.append(total)
         correct.append(is_right)
-    return totals, correct
+    return Scores(totals, correct, timeouts)

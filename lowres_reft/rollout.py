@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lowres_reft.errors import UsageError
 from lowres_reft.nested import skip_layers
 
 
@@ -58,6 +59,20 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's context window (config.max_position_embeddings), or None when it does not say."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_generation_length(model: nn.Module, key: str, max_new_tokens: int) -> None:
+    """One-line UsageError when `max_new_tokens` exceeds the model's context window (checked before anything
+    is generated or written: the sampling buffers would be sized by it)."""
+    limit = context_length(model)
+    if limit is not None and max_new_tokens > limit:
+        raise UsageError(f"{key} = {max_new_tokens} exceeds the model's context length of {limit} tokens; use at most {limit}")
+
+
 def nucleus_logprobs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     """(N, V) logits -> (N, V) float32 log-probs of the distribution actually sampled from."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -93,6 +108,10 @@ def _decode(
     attention_mask = prompt_mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     input_ids = prompt_ids
+    # Buffers sized by the real bound: no completion can run past the context window (prompt + new tokens).
+    limit = context_length(model)
+    if limit is not None:
+        max_new_tokens = max(1, min(max_new_tokens, limit - prompt_ids.shape[1]))
     tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
     mask = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)

@@ -30,8 +30,8 @@ from lowres_reft.logprobs import completion_logp
 from lowres_reft.metrics import MetricsLog, MetricsWriteError, Progress
 from lowres_reft.model import Policy, check_model_name, load_policy, model_path
 from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
-from lowres_reft.rewards import score
-from lowres_reft.rollout import RolloutBatch, sample
+from lowres_reft.rewards import resolve_rewards, score
+from lowres_reft.rollout import RolloutBatch, check_generation_length, sample
 from lowres_reft.rundir import RunLock, check_not_locked
 
 
@@ -41,6 +41,7 @@ class ScoredBatch:
     rewards: torch.Tensor  # (N,) float32
     advantages: torch.Tensor  # (N,) float32
     correct: list[bool]
+    reward_timeouts: int = 0  # reward calls abandoned after [reward] timeout_s (scored 0)
 
 
 def encode_prompts(tokenizer, problems: list[Problem], recipe: Recipe) -> list[list[int]]:
@@ -132,11 +133,11 @@ def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: li
     rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids)
     texts = decode_completions(policy.tokenizer, rollout.completion_ids, rollout.completion_mask)
     golds = [problems[i].answer for i in indices for _ in range(G)]
-    rewards, correct = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight,
-                             recipe.reward.require_final_answer)
-    rewards_t = torch.tensor(rewards, dtype=torch.float32, device=rollout.completion_ids.device)
+    scores = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight,
+                   recipe.reward.require_final_answer, recipe.reward.timeout_s)
+    rewards_t = torch.tensor(scores.rewards, dtype=torch.float32, device=rollout.completion_ids.device)
     advantages = L.group_advantages(rewards_t, G, recipe.loss.advantage_scale, recipe.loss.advantage_eps)
-    return ScoredBatch(rollout, rewards_t, advantages, correct)
+    return ScoredBatch(rollout, rewards_t, advantages, scores.correct, scores.timeouts)
 
 
 def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, temperature: float, micro: int,
@@ -294,6 +295,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
     say = log if ctx.is_main else (lambda *a, **k: None)
     resume = resume or recipe.checkpoint.resume == "latest"
     check_model_name(recipe.model)  # fail on bad input before writing anything
+    resolve_rewards(recipe.reward.functions)  # unknown names / unimportable modules: one line, nothing written
     train_problems, eval_problems = load_problems(recipe.data, "train"), load_problems(recipe.data, "eval")
     run_dir = check_run_dir(recipe, resume)
     ckpt = latest_good_checkpoint(run_dir, warn=say) if resume else None
@@ -311,6 +313,8 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
     torch.manual_seed(cfg.seed)
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, adapter_dir=ckpt / "adapter" if ckpt else None,
                          gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+    for key, value in (("[rollout] max_new_tokens", recipe.rollout.max_new_tokens), ("[eval] max_new_tokens", recipe.eval.max_new_tokens)):
+        check_generation_length(policy.model, key, value)
     say(f"model {recipe.model.name}: {policy.trainable_params:,} trainable / {policy.total_params:,} total parameters "
         f"({100 * policy.trainable_params / policy.total_params:.2f}%), {policy.num_layers} layers, device {policy.device}"
         + (f", {ctx.world} processes" if ctx.enabled else ""))
@@ -504,6 +508,7 @@ def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad
         "stage": "rl",
         "rewards": torch.cat([b.rewards for b in batches]).tolist(),  # replaced by reward_mean/std when merged
         "correct": sum(sum(b.correct) for b in batches),
+        "reward_timeouts": sum(b.reward_timeouts for b in batches),
         "rollout_tokens": tokens,
         "rollout_seconds": seconds,
         "rollout_tokens_per_s": tokens / max(seconds, 1e-9),
@@ -531,7 +536,7 @@ def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad
 
 
 # How per-process values combine: sums (losses are already normalized by global counts), extremes, or means.
-_SUMMED = {"rollout_tokens", "rollout_tokens_per_s", "loss", "kl", "correct"}
+_SUMMED = {"rollout_tokens", "rollout_tokens_per_s", "loss", "kl", "correct", "reward_timeouts"}
 _MIN, _MAX = {"rho_min"}, {"rho_max", "peak_mem_mb", "step_seconds", "rollout_seconds"}
 _SAME = {"step", "stage", "grad_norm", "update_skipped", "skipped_updates", "lr", "skip_ratio"}
 

@@ -261,3 +261,28 @@ def test_failure_leaves_nothing_behind(ckpt4, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_checkpoint(ckpt4[0], adapter_out=tmp_path / "a", merged_out=tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("err", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
+def test_full_or_read_only_file_system_is_one_line_and_leaves_nothing(ckpt4, tmp_path, monkeypatch, capsys, err):
+    import lowres_reft.export as export
+    from lowres_reft.cli import main
+
+    def failing(ckpt, recipe, cache_dir, dtype, tmp):
+        (tmp / "config.json").write_text("{}", encoding="utf-8")
+        raise err
+
+    monkeypatch.setattr(export, "_write_merged", failing)
+    code = main(["export", str(ckpt4[0]), "--adapter", str(tmp_path / "a"), "--merged", str(tmp_path / "m")])
+    message = capsys.readouterr().err
+    assert code == 2 and err.strerror in message and len(message.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_parent_is_refused_before_loading(ckpt4, tmp_path, monkeypatch):
+    import lowres_reft.export as export
+
+    monkeypatch.setattr(export.os, "access", lambda path, mode: Path(path) != tmp_path)  # a read-only tmp_path
+    with pytest.raises(UsageError, match="is not a writable directory"):
+        export_checkpoint(ckpt4[0], merged_out=tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []

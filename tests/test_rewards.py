@@ -355,23 +355,23 @@ def test_stuck_worker_is_killed_and_replaced(monkeypatch):
 def test_score_totals_with_format_weight():
     completions = ["\\boxed{72}", "I think 72", "\\boxed{71}", ""]
     golds = ["72"] * 4
-    totals, correct = score(completions, golds, ("math_correct", "format"), format_weight=0.1)
+    totals, correct, _ = score(completions, golds, ("math_correct", "format"), format_weight=0.1)
     assert totals == pytest.approx([1.1, 1.0, 0.1, 0.0])
     assert correct == [True, True, False, False]
 
-    totals, correct = score(completions, golds, ("math_correct",), format_weight=0.1)
+    totals, correct, _ = score(completions, golds, ("math_correct",), format_weight=0.1)
     assert totals == [1.0, 1.0, 0.0, 0.0]
     assert correct == [True, True, False, False]
 
 
 def test_score_reports_correctness_without_math_correct():
-    totals, correct = score(["\\boxed{72}", "#### 3"], ["72", "72"], ("format",), format_weight=0.5)
+    totals, correct, _ = score(["\\boxed{72}", "#### 3"], ["72", "72"], ("format",), format_weight=0.5)
     assert totals == [0.5, 0.5]
     assert correct == [True, False]
 
 
 def test_score_custom_function_and_errors():
-    totals, _ = score(["gold 7"], ["7"], (f"{__name__}:my_custom_reward", "math_correct"), format_weight=0.1)
+    totals, _, _ = score(["gold 7"], ["7"], (f"{__name__}:my_custom_reward", "math_correct"), format_weight=0.1)
     assert totals == [1.25]
     with pytest.raises(ConfigError):
         score(["x"], ["1"], ("nope",), format_weight=0.1)
@@ -398,8 +398,9 @@ def test_require_final_answer_credits_only_a_stated_answer():
     assert math_correct_final(unfinished + "\n#### 71", "72") == 0.0
 
     completions, golds = [unfinished, GSM8K_SOLUTION, "no idea"], ["72"] * 3
-    assert score(completions, golds, ("math_correct",)) == ([1.0, 1.0, 0.0], [True, True, False])
+    assert score(completions, golds, ("math_correct",))[:2] == ([1.0, 1.0, 0.0], [True, True, False])
     strict = score(completions, golds, ("math_correct",), require_final_answer=True)
-    assert strict == ([0.0, 1.0, 0.0], [False, True, False])
+    assert strict[:2] == ([0.0, 1.0, 0.0], [False, True, False])
     # Correctness follows the strict check also when only the format reward is summed.
-    assert score(completions, golds, ("format",), 0.5, require_final_answer=True) == ([0.0, 0.5, 0.0], [False, True, False])
+    scored = score(completions, golds, ("format",), 0.5, require_final_answer=True)
+    assert scored[:2] == ([0.0, 0.5, 0.0], [False, True, False])
