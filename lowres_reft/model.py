@@ -186,9 +186,14 @@ def _stored_numel(param: torch.Tensor) -> int:
     return param.numel()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers causal LM (`...ForCausalLM`) inside a peft wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_stack(model: nn.Module) -> nn.Module:
     """The module holding the decoder layers (`.layers`) and the config, e.g. `Qwen2Model`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     stack = getattr(inner, "model", inner)
     if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
         raise UsageError(f"{type(inner).__name__}: unsupported architecture (no model.layers decoder stack to skip layers in)")
