@@ -86,6 +86,8 @@ class DataConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # Use the tokenizer's chat template when it has one; a plain "Question/Answer" template otherwise.
     use_chat_template: bool = True
+    # Handed to the chat template as `enable_thinking` when set (Qwen3: false = answer without a <think> block).
+    enable_thinking: bool | None = None
     max_prompt_tokens: int = 512
     # Size of the builtin arithmetic data set (train, test).
     builtin_train_size: int = 2000
