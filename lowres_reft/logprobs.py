@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lowres_reft.errors import UsageError
 from lowres_reft.model import decoder_stack, unwrap
 
 
@@ -53,6 +54,27 @@ def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
     logits = causal_lm.lm_head(hidden)
     transform = _post_head(causal_lm)
     return logits if transform is None else transform(logits)
+
+
+@torch.no_grad()
+def check_head_logits(model: nn.Module, num_tokens: int = 8) -> None:
+    """Fail fast (UsageError) when `head_logits` does not reproduce the model's own logits: an architecture
+    whose forward transforms the LM head's output in a way not known here would silently skew every ratio."""
+    was_training = model.training
+    model.eval()  # no dropout: both paths must see the same function
+    try:
+        device = next(p for p in model.parameters()).device
+        ids = (torch.arange(num_tokens, device=device) % unwrap(model).config.vocab_size)[None]
+        hidden = decoder_stack(model)(input_ids=ids, use_cache=False).last_hidden_state
+        ours = head_logits(model, hidden).float()
+        theirs = model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    # A forgotten transform moves logits by a large fraction (soft-capping, a scale); rounding moves them by ~1e-3.
+    if not torch.allclose(ours, theirs, rtol=1e-2, atol=1e-2 * float(theirs.abs().max())):
+        raise UsageError(f"{type(unwrap(model)).__name__}: unsupported architecture (its forward transforms the LM "
+                         f"head's logits in a way the log-prob code does not reproduce; max difference "
+                         f"{float((ours - theirs).abs().max()):.3g})")
 
 
 def _token_logp(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:

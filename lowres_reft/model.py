@@ -83,6 +83,8 @@ def _hub_call(fn, name: str):
         return fn()
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "attention implementation" in first:  # e.g. Gemma 2 has no SDPA path: not a download problem
+            raise UsageError(f"cannot load model {name!r} ({first[:200]}); set [model] attn_implementation = \"eager\"") from None
         raise UsageError(
             f"cannot load model {name!r} ({first[:160]}); it needs network access to the hub or a local copy: "
             f'set [model] name = "/path/to/model"'

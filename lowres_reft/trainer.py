@@ -25,7 +25,7 @@ from lowres_reft.data import Problem, format_prompt, load_problems
 from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.errors import UsageError
 from lowres_reft.evaluate import decode_completions, evaluate
-from lowres_reft.logprobs import completion_logp
+from lowres_reft.logprobs import check_head_logits, completion_logp
 from lowres_reft.metrics import MetricsLog, Progress
 from lowres_reft.model import Policy, check_model_name, load_policy, model_path
 from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
@@ -263,6 +263,7 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, adapter_dir=ckpt / "adapter" if ckpt else None,
                          gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+    check_head_logits(policy.model)  # sampled and recomputed log-probs use the model's own logit transform
     say(f"model {recipe.model.name}: {policy.trainable_params:,} trainable / {policy.total_params:,} total parameters "
         f"({100 * policy.trainable_params / policy.total_params:.2f}%), {policy.num_layers} layers, device {policy.device}"
         + (f", {ctx.world} processes" if ctx.enabled else ""))

@@ -144,6 +144,19 @@ def test_head_logits_equal_model_logits(arch):
     assert ours.abs().max() > 5.0  # realistic logit sizes, where a missing transform shows
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "granite"])
+def test_unknown_logit_transform_is_refused(arch, monkeypatch):
+    """An architecture whose post-head transform head_logits does not know is a one-line error at load time."""
+    import lowres_reft.logprobs as logprobs
+
+    model = build(arch, ARCHS if arch in ARCHS else HEAD_ONLY)
+    logprobs.check_head_logits(model)
+    monkeypatch.setattr(logprobs, "_post_head", lambda causal_lm: None)  # as if the transform were unknown
+    with pytest.raises(UsageError) as err:
+        logprobs.check_head_logits(model)
+    assert type(model).__name__ in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_skip_layers_equals_truncated_model(arch):
     model = build(arch)
@@ -232,6 +245,15 @@ def test_nf4_lora_skip_sampling_and_logp(arch, quantized_dir):
     # bitsandbytes' 4-bit matmul rounds differently for a one-token decoding step than for the whole sequence at
     # once, so sampled vs recomputed agree to ~1e-4 here (exact in fp32 above; a missed transform is nats off).
     check_behavior_equals_recomputed(model, atol=2e-4)
+
+
+def test_unsupported_attention_kernel_is_a_one_line_error(quantized_dir):
+    full_dir, _ = quantized_dir("gemma2")
+    cfg = ModelConfig(name=str(full_dir), dtype="float32", device="cpu", load_in_4bit=False, attn_implementation="sdpa")
+    with pytest.raises(UsageError) as err:
+        load_base_model(cfg, str(full_dir), torch.device("cpu"))
+    assert 'attn_implementation = "eager"' in str(err.value) and "network" not in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
