@@ -177,23 +177,21 @@ def test_full_model_restored_after_skip_also_on_error(arch):
     stack = decoder_stack(model)
     ids, mask = left_pad(prompts(), 0, torch.device("cpu"))
     before = real_token_logits(model, ids, mask)
-    layers = list(stack.layers)
-    indices = [[m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)] for layer in layers]
-    types = copy.copy(getattr(stack.config, "layer_types", None))
 
-    def state():
+    def state():  # layer objects, each layer's layer_idx values, layer count, layer types
         return (list(stack.layers), [[m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
                                      for layer in stack.layers], stack.config.num_hidden_layers,
-                getattr(stack.config, "layer_types", None))
+                copy.copy(getattr(stack.config, "layer_types", None)))
 
+    full = state()
     with skip_layers(model, SKIP):
-        assert len(stack.layers) == 2
-    assert state() == (layers, indices, 4, types)
+        assert len(stack.layers) == 2 and state() != full
+    assert state() == full
     with pytest.raises(RuntimeError, match="inside"):
         with skip_layers(model, SKIP):
             sample(model, prompts(), max_new_tokens=2, eos_ids=[-1], pad_id=0, greedy=True)
             raise RuntimeError("inside the context")
-    assert state() == (layers, indices, 4, types)
+    assert state() == full and full[2] == 4
     assert torch.equal(real_token_logits(model, ids, mask), before)
 
 
