@@ -281,3 +281,13 @@ def test_model_without_decoder_stack_is_a_one_line_error():
     with pytest.raises(UsageError) as err:
         sample(model, [[3, 4]], max_new_tokens=2, eos_ids=[-1], pad_id=0, skip=(1,), greedy=True)
     assert "GPT2LMHeadModel" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_recompute_forward_builds_no_kv_cache():
+    model = build("qwen2")
+    seen = []
+    decoder_stack(model).register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
+    batch = sample(model, prompts(), max_new_tokens=3, eos_ids=[-1], pad_id=0, greedy=True)
+    seen.clear()
+    completion_logp(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, 1.0)
+    assert seen == [False]
