@@ -64,8 +64,9 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    # Default: every linear projection of the decoder (attention and MLP), as QLoRA does.
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # "all-linear" (peft's): every linear layer of the decoder but the LM head, as QLoRA does, on any architecture
+    # (e.g. Phi-3's fused qkv_proj/gate_up_proj); or a list of module names, each of which must match a module.
+    target_modules: tuple[str, ...] | Literal["all-linear"] = "all-linear"
 
     def validate(self) -> None:
         _require(self.r >= 1, "r", "must be >= 1")
@@ -91,6 +92,8 @@ class DataConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # Use the tokenizer's chat template when it has one; a plain "Question/Answer" template otherwise.
     use_chat_template: bool = True
+    # Handed to the chat template as `enable_thinking` when set (Qwen3: false = answer without a <think> block).
+    enable_thinking: bool | None = None
     max_prompt_tokens: int = 512
     # Size of the builtin arithmetic data set (train, test).
     builtin_train_size: int = 2000
@@ -361,9 +364,12 @@ def _coerce(value: Any, tp: Any) -> Any:
     """Return `value` converted to `tp`, or raise TypeError. TOML already gives typed values."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        assert len(args) == 1, tp
-        return _coerce(value, args[0])
+        for arg in (a for a in typing.get_args(tp) if a is not type(None)):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
     if origin is Literal:
         if value in typing.get_args(tp) and isinstance(value, str):
             return value

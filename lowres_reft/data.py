@@ -622,17 +622,19 @@ def format_prompt(tokenizer: Any, question: str, cfg: DataConfig) -> str:
         return PLAIN_PROMPT_TEMPLATE.format(question=question)
     user = {"role": "user", "content": question}
     if not cfg.system_prompt:
-        return _apply_template(tokenizer, [user])
+        return _apply_template(tokenizer, [user], cfg)
     try:
-        return _apply_template(tokenizer, [{"role": "system", "content": cfg.system_prompt}, user])
+        return _apply_template(tokenizer, [{"role": "system", "content": cfg.system_prompt}, user], cfg)
     except Exception as err:  # noqa: BLE001 - templates raise arbitrary errors (jinja raise_exception)
         if "system" not in str(err).lower():
             raise
-        return _apply_template(tokenizer, [{"role": "user", "content": f"{cfg.system_prompt}\n\n{question}"}])
+        return _apply_template(tokenizer, [{"role": "user", "content": f"{cfg.system_prompt}\n\n{question}"}], cfg)
 
 
-def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], cfg: DataConfig) -> str:
+    # Extra template variables only when asked for: templates that do not know them ignore them anyway.
+    extra = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     if not isinstance(text, str):  # pragma: no cover - defensive
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
     return text

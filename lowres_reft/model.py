@@ -83,6 +83,8 @@ def _hub_call(fn, name: str):
         return fn()
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "attention implementation" in first:  # e.g. Gemma 2 has no SDPA path: not a download problem
+            raise UsageError(f"cannot load model {name!r} ({first[:200]}); set [model] attn_implementation = \"eager\"") from None
         if Path(name).expanduser().is_dir():  # a local directory: the network is not the problem
             raise UsageError(f"{name}: not a loadable model directory ({first[:160]})") from None
         raise UsageError(
@@ -147,8 +149,7 @@ def load_policy(
     seed: int = 0,
 ) -> Policy:
     """Tokenizer + frozen base + LoRA (fresh, or loaded from `adapter_dir`). Adapter params require grad."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     device = resolve_device(model_cfg)
     name_or_path = model_path(model_cfg, cache_dir)
@@ -165,19 +166,37 @@ def load_policy(
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
     else:
-        peft_cfg = PeftLoraConfig(
-            r=lora_cfg.r,
-            lora_alpha=lora_cfg.alpha,
-            lora_dropout=lora_cfg.dropout,
-            target_modules=list(lora_cfg.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        torch.manual_seed(seed)  # LoRA A init depends only on the seed, not on what ran before
-        model = get_peft_model(base, peft_cfg)
+        model = add_lora(base, lora_cfg, seed)
     disable_cpu_bf16_repack(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(_stored_numel(p) for p in model.parameters())
     return Policy(model=model, tokenizer=tokenizer, device=device, trainable_params=trainable, total_params=total)
+
+
+def add_lora(base: nn.Module, lora_cfg: LoraConfig, seed: int = 0) -> nn.Module:
+    """Wrap `base` in fresh LoRA adapters (a peft PeftModel); a listed target that matches no module is a UsageError."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora_cfg.target_modules
+    if targets != "all-linear":
+        check_lora_targets(base, targets)
+        targets = list(targets)
+    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                              target_modules=targets, task_type="CAUSAL_LM")
+    torch.manual_seed(seed)  # LoRA A init depends only on the seed, not on what ran before
+    return get_peft_model(base, peft_cfg)
+
+
+def check_lora_targets(base: nn.Module, targets: tuple[str, ...]) -> None:
+    """Every name in `targets` must be the last part(s) of some module's name (peft's rule), else adapters would
+    silently miss layers (e.g. Qwen's q_proj/gate_proj on Phi-3, whose projections are fused qkv_proj/gate_up_proj)."""
+    names = [name for name, _ in base.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"})
+        raise UsageError(f"[lora] target_modules {missing} match no module of {type(base).__name__} "
+                         f"(its linear layers: {', '.join(linear)}); or use target_modules = \"all-linear\"")
 
 
 def _stored_numel(param: torch.Tensor) -> int:
@@ -188,9 +207,14 @@ def _stored_numel(param: torch.Tensor) -> int:
     return param.numel()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers causal LM (`...ForCausalLM`) inside a peft wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_stack(model: nn.Module) -> nn.Module:
     """The module holding the decoder layers (`.layers`) and the config, e.g. `Qwen2Model`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     stack = getattr(inner, "model", inner)
     if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
         raise UsageError(f"{type(inner).__name__}: unsupported architecture (no model.layers decoder stack to skip layers in)")

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from lowres_reft.errors import UsageError
+from lowres_reft.logprobs import head_logits
+from lowres_reft.model import decoder_stack
 from lowres_reft.nested import skip_layers
 
 
@@ -53,9 +55,8 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
 
 
 def _cache_kwarg(model: nn.Module) -> str:
-    """transformers >= 5.2x renamed `past_key_values` to `cache`; use whichever the model takes."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(inner.forward).parameters
+    """transformers >= 5.2x renamed `past_key_values` to `cache`; use whichever the decoder stack takes."""
+    params = inspect.signature(decoder_stack(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -105,6 +106,7 @@ def _decode(
     device = prompt_ids.device
     cache = DynamicCache(config=model.config)  # built inside skip_layers: one cache layer per kept layer
     cache_key = _cache_kwarg(model)
+    stack = decoder_stack(model)
     attention_mask = prompt_mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     input_ids = prompt_ids
@@ -117,15 +119,15 @@ def _decode(
     mask = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        out = model(
+        # The decoder stack, then the same hidden -> logits map as the training recompute (`head_logits`).
+        hidden = stack(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
-            logits_to_keep=1,
             **{cache_key: cache},
-        )
-        logits = out.logits[:, -1, :]  # (N, V)
+        ).last_hidden_state
+        logits = head_logits(model, hidden[:, -1, :])  # (N, V)
         if greedy:
             token = logits.argmax(dim=-1)
             token_logp = torch.zeros(n, device=device)

@@ -26,7 +26,7 @@ from lowres_reft.data import Problem, format_prompt, load_problems
 from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.errors import UsageError
 from lowres_reft.evaluate import decode_completions, evaluate
-from lowres_reft.logprobs import completion_logp
+from lowres_reft.logprobs import check_head_logits, completion_logp
 from lowres_reft.metrics import MetricsLog, MetricsWriteError, Progress
 from lowres_reft.model import Policy, check_model_name, load_policy, model_path
 from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
@@ -313,6 +313,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
     torch.manual_seed(cfg.seed)
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, adapter_dir=ckpt / "adapter" if ckpt else None,
                          gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+    check_head_logits(policy.model)  # sampled and recomputed log-probs use the model's own logit transform
     for key, value in (("[rollout] max_new_tokens", recipe.rollout.max_new_tokens), ("[eval] max_new_tokens", recipe.eval.max_new_tokens)):
         check_generation_length(policy.model, key, value)
     say(f"model {recipe.model.name}: {policy.trainable_params:,} trainable / {policy.total_params:,} total parameters "

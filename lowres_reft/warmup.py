@@ -27,7 +27,8 @@ from torch import Tensor
 
 from lowres_reft.data import Problem, format_prompt, format_solution
 from lowres_reft.errors import UsageError
-from lowres_reft.logprobs import chunked_logp
+from lowres_reft.logprobs import model_logp
+from lowres_reft.model import decoder_stack
 
 
 @dataclass
@@ -80,17 +81,16 @@ def build_sft_batch(prompts: list[list[int]], completions: list[list[int]], pad_
 
 def sft_token_logp(model, batch: SFTBatch, chunk: int = 1024) -> Tensor:
     """log p(target) of every loss-masked token, (N,) float32 in row-major order of `batch.loss_mask[:, 1:]`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(p for p in model.parameters()).device
     ids = batch.input_ids.to(device)
     # use_cache=False: a training forward has no later tokens to decode; a KV cache would only hold memory.
-    hidden = inner.model(input_ids=ids, attention_mask=batch.attention_mask.to(device),
-                         position_ids=batch.position_ids.to(device), use_cache=False).last_hidden_state
+    hidden = decoder_stack(model)(input_ids=ids, attention_mask=batch.attention_mask.to(device),
+                                  position_ids=batch.position_ids.to(device), use_cache=False).last_hidden_state
     # The hidden state at position t predicts token t + 1: keep only the positions whose next token has a loss.
     keep = batch.loss_mask[:, 1:].to(device).bool()
     selected = hidden[:, :-1][keep]  # (N, H)
     targets = ids[:, 1:][keep]  # (N,)
-    return chunked_logp(inner.lm_head, selected[None], targets[None], 1.0, chunk)[0]
+    return model_logp(model, selected[None], targets[None], 1.0, chunk)[0]
 
 
 def sft_loss(model, batch: SFTBatch, chunk: int = 1024) -> Tensor:

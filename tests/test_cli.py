@@ -144,6 +144,15 @@ def test_export_without_checkpoint_is_clear(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_lora_targets_matching_no_module_exit_2_before_writing(tmp_path, capsys):
+    out = tmp_path / "runs"
+    sets = SMALL + [f"log.output_dir={out}", "log.run_name=badlora", "lora.target_modules=['q_proj','qkv_proj']"]
+    code, _, err = _run_inproc(capsys, "run", TINY, *as_set_args(sets))
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "['qkv_proj'] match no module of Qwen2ForCausalLM" in err and "all-linear" in err
+    assert not (out / "badlora").exists()
+
+
 def test_every_recipe_validates():
     from lowres_reft.config import load_recipe
 
@@ -151,6 +160,20 @@ def test_every_recipe_validates():
     assert recipes
     for path in recipes:
         load_recipe(path)
+
+
+@pytest.mark.parametrize("name,model", [("qwen3-1.7b-gsm8k", "Qwen/Qwen3-1.7B"),
+                                        ("llama-3.2-3b-gsm8k", "meta-llama/Llama-3.2-3B-Instruct"),
+                                        ("gemma-2-2b-gsm8k", "google/gemma-2-2b-it")])
+def test_single_gpu_recipes_parse(name, model):
+    from lowres_reft.config import load_recipe
+
+    path = ROOT / "recipes" / f"{name}.toml"
+    recipe = load_recipe(path)
+    assert recipe.model.name == model and recipe.model.load_in_4bit and recipe.lora.target_modules == "all-linear"
+    assert "estimated" in path.read_text().lower() and "not measured" in path.read_text()
+    assert recipe.data.enable_thinking is (False if "qwen3" in name else None)
+    assert recipe.model.attn_implementation == ("eager" if "gemma" in name else "sdpa")
 
 
 def test_dataset_without_answer_field_is_clear(tmp_path, capsys):

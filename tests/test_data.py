@@ -366,6 +366,16 @@ def test_format_prompt_with_chat_template():
     assert format_solution("4", tok, plain_cfg) == " 4"
 
 
+THINKING_TEMPLATE = CHAT_TEMPLATE + "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+
+
+def test_format_prompt_passes_enable_thinking_to_the_template():
+    tok = _char_tokenizer(THINKING_TEMPLATE)
+    assert format_prompt(tok, "Q?", cfg(system_prompt="", enable_thinking=False)) == "<|user|>Q?<|end|><|assistant|><think></think>"
+    assert format_prompt(tok, "Q?", cfg(system_prompt="", enable_thinking=True)) == "<|user|>Q?<|end|><|assistant|>"
+    assert format_prompt(tok, "Q?", cfg(system_prompt="")) == "<|user|>Q?<|end|><|assistant|>"
+
+
 def test_format_prompt_template_without_system_role():
     tok = _char_tokenizer(NO_SYSTEM_TEMPLATE)
     text = format_prompt(tok, "Q?", cfg(system_prompt="Be brief."))
