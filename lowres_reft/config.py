@@ -60,12 +60,25 @@ class LoraConfig:
     dropout: float = 0.05
     # Default: every linear projection of the decoder (attention and MLP), as QLoRA does.
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # Rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r (steadier across ranks).
+    use_rslora: bool = False
+    # DoRA: a learned magnitude per output feature on top of the LoRA direction (slower steps, works on 4-bit).
+    use_dora: bool = False
+    # Modules trained in full and saved with the adapter (e.g. ["lm_head"]); empty = adapters only.
+    modules_to_save: tuple[str, ...] = ()
+    # "default": A random (Kaiming), B = 0; "gaussian": A ~ N(0, 1/r), B = 0; "orthogonal": A and B from
+    # orthogonal halves of a random basis, BA = 0 (even r and a 16/32-bit base only: peft casts A and B to the
+    # base weight's dtype, which is uint8 for a 4-bit base). All three leave the model unchanged at step 0.
+    init_lora_weights: Literal["default", "gaussian", "orthogonal"] = "default"
 
     def validate(self) -> None:
         _require(self.r >= 1, "r", "must be >= 1")
         _require(self.alpha > 0, "alpha", "must be > 0")
         _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _require(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+        _require(all(name.strip() for name in self.modules_to_save), "modules_to_save", "must not hold empty names")
+        _require(self.init_lora_weights != "orthogonal" or self.r % 2 == 0, "init_lora_weights",
+                 '= "orthogonal" needs an even r')
 
 
 @dataclass(frozen=True)
@@ -444,6 +457,8 @@ def _validate_recipe(recipe: Recipe) -> None:
     if recipe.behavior.schedule == "fixed" and recipe.behavior.skip_ratio > 0:
         # With an explicit layer list the ratio is implied; refuse silently conflicting settings.
         raise ConfigError(f'{src}: [behavior] skip_ratio must be 0 (or omitted) when schedule = "fixed"; the layers list sets what is skipped')
+    if recipe.lora.init_lora_weights == "orthogonal" and recipe.model.load_in_4bit:
+        raise ConfigError(f'{src}: [lora] init_lora_weights = "orthogonal" needs a 16/32-bit base ([model] load_in_4bit = false)')
     if recipe.model.name == "builtin:tiny":
         layers = recipe.model.tiny_layers
         if recipe.behavior.protect_first + recipe.behavior.protect_last >= layers:

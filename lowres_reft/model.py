@@ -169,6 +169,10 @@ def load_policy(
             lora_dropout=lora_cfg.dropout,
             target_modules=list(lora_cfg.target_modules),
             task_type="CAUSAL_LM",
+            use_rslora=lora_cfg.use_rslora,
+            use_dora=lora_cfg.use_dora,
+            modules_to_save=list(lora_cfg.modules_to_save) or None,
+            init_lora_weights=True if lora_cfg.init_lora_weights == "default" else lora_cfg.init_lora_weights,
         )
         torch.manual_seed(seed)  # LoRA A init depends only on the seed, not on what ran before
         model = get_peft_model(base, peft_cfg)
