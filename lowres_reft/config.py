@@ -267,6 +267,11 @@ class LogConfig:
     run_name: str = ""
     # "auto": a progress bar on a terminal, plain lines otherwise.
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    # Experiment trackers, named as accelerate names them: "tensorboard", "wandb", "mlflow", "trackio", "comet_ml",
+    # "aim", "clearml", "dvclive", "swanlab" (see lowres_reft/tracking.py). metrics.jsonl is always written.
+    trackers: tuple[str, ...] = ()
+    # Project / experiment name handed to the hosted trackers (the run name names the run).
+    project: str = "lowres-reft"
 
     def validate(self) -> None:
         _require("/" not in self.run_name and self.run_name not in (".", ".."), "run_name", "must be a plain name, not a path")

@@ -56,6 +56,9 @@ class MetricsLog:
             handle.write(line)
             handle.flush()
 
+    def close(self) -> None:
+        """Nothing to release (every write opens and closes the file); trackers wrapping this log close theirs."""
+
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

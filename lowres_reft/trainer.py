@@ -31,6 +31,7 @@ from lowres_reft.model import Policy, check_model_name, load_policy, model_path
 from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
 from lowres_reft.rewards import score
 from lowres_reft.rollout import RolloutBatch, sample
+from lowres_reft.tracking import check_trackers, open_trackers
 
 
 @dataclass
@@ -248,6 +249,7 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
     say = log if ctx.is_main else (lambda *a, **k: None)
     resume = resume or recipe.checkpoint.resume == "latest"
     check_model_name(recipe.model)  # fail on bad input before writing anything
+    check_trackers(recipe.log.trackers)
     train_problems, eval_problems = load_problems(recipe.data, "train"), load_problems(recipe.data, "eval")
     run_dir = check_run_dir(recipe, resume)
     ckpt = latest_good_checkpoint(run_dir, warn=say) if resume else None
@@ -286,6 +288,9 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(ctx)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if ckpt else None) if ctx.is_main else NullLog()
+    if ctx.is_main:
+        metrics = open_trackers(metrics, recipe.log.trackers, recipe.log.project, recipe.run_name, run_dir,
+                                recipe.to_dict(), resume_step=state["step"] if ckpt else None)
     evaluator = Evaluator(policy, recipe, eval_problems, encode_prompts(policy.tokenizer, eval_problems, recipe), eos_ids,
                           run_dir, state["eval_history"], metrics, ctx)
 
@@ -345,6 +350,7 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
             if all_max(float(stop.requested), ctx) > 0:
                 path = checkpoint(step)
                 progress.close()
+                metrics.close()
                 say(f"stopped at step {step}; checkpoint {path}; continue with --resume")
                 raise KeyboardInterrupt
     finally:
@@ -352,6 +358,7 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
         progress.close()
     evaluator(step, "final", say)
     path = checkpoint(step)
+    metrics.close()
     if ctx.is_main:
         from lowres_reft.report import write_report
 
@@ -363,6 +370,9 @@ class NullLog:
     """Metrics sink of the non-main processes."""
 
     def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
