@@ -127,3 +127,57 @@ def test_bnb_kernels_warning_becomes_one_note():
     assert not reword.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "again"))
     other = record("something else: %s", 1)
     assert reword.filter(other) and other.getMessage() == "something else: 1"
+
+
+def _front_matter(text: str) -> dict:
+    import yaml
+
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_export_writes_model_cards_and_merged_loads(tracked_run, tmp_path):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowres_reft import __version__
+    from lowres_reft.evalcmd import wilson_interval
+
+    run, _ = tracked_run
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    proc = _cli("export", str(run / "checkpoint-last"), "--adapter", str(adapter), "--merged", str(merged))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = json.loads((run / "eval.json").read_text())["history"][-1]
+    low, high = wilson_interval(round(final["accuracy"] * final["n"]), final["n"])
+    recipe_toml = (run / "checkpoint-last" / "recipe.toml").read_text().strip()
+    for out, library in ((adapter, "peft"), (merged, "transformers")):
+        card = (out / "README.md").read_text()
+        meta = _front_matter(card)
+        assert meta["library_name"] == library and "nested-reft" in meta["tags"] and "qlora" in meta["tags"]
+        assert "base_model" not in meta  # builtin:tiny is no Hub id
+        assert "| RL steps trained | 2 |" in card
+        assert f"{final['accuracy']:.3f} on {final['n']} problems (95% Wilson interval {low:.3f}-{high:.3f}), step 2 (final)" in card
+        assert f"lowres-reft {__version__}" in card and "`builtin:tiny`" in card
+        assert f"```toml\n{recipe_toml}\n```" in card
+    assert "vllm serve" in (merged / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert isinstance(model, torch.nn.Module) and model.config.model_type == "qwen2"
+
+
+def test_model_card_of_a_hub_model_names_it_and_its_interval():
+    from lowres_reft.config import Recipe, recipe_from_dict, recipe_to_toml
+    from lowres_reft.modelcard import eval_line, render_model_card
+
+    recipe = recipe_from_dict({"model": {"name": "Qwen/Qwen2.5-1.5B-Instruct"}, "log": {"run_name": "gsm"}})
+    history = [{"step": 0, "label": "before_training", "accuracy": 0.1, "n": 100},
+               {"step": 60, "label": "final", "accuracy": 0.5, "n": 100}]
+    card = render_model_card(recipe, recipe_to_toml(recipe), {"step": 60, "eval_history": history}, "adapter")
+    meta = _front_matter(card)
+    assert meta["base_model"] == "Qwen/Qwen2.5-1.5B-Instruct" and meta["library_name"] == "peft"
+    # 50/100: Wilson 95% = 0.5 +- 1.96/(1+1.96^2/100) * sqrt(0.25/100 + 1.96^2/40000) = 0.404..0.596 (by hand)
+    assert "0.500 on 100 problems (95% Wilson interval 0.404-0.596), step 60 (final)" in card
+    assert 'PeftModel.from_pretrained(base, "path/to/this/dir")' in card
+    assert eval_line(None) == "not evaluated"
+    assert "| RL steps trained | unknown |" in render_model_card(Recipe(), "", {}, "merged", "bfloat16")
