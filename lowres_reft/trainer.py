@@ -116,19 +116,20 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_u
 
 
 def rollout_rows(policy: Policy, recipe: Recipe, prompts: list[list[int]], skip: tuple[int, ...],
-                 generator: torch.Generator, eos_ids: list[int]) -> RolloutBatch:
+                 generator: torch.Generator, eos_ids: list[int], on_micro_batch=None) -> RolloutBatch:
     """G completions of each prompt, group-contiguous (the G completions of a prompt side by side)."""
     r = recipe.rollout
     rows = [p for p in prompts for _ in range(r.group_size)]
     return sample(policy.model, rows, max_new_tokens=r.max_new_tokens, eos_ids=eos_ids, pad_id=policy.tokenizer.pad_token_id,
-                  temperature=r.temperature, top_p=r.top_p, skip=skip, generator=generator, micro_batch=r.micro_batch)
+                  temperature=r.temperature, top_p=r.top_p, skip=skip, generator=generator, micro_batch=r.micro_batch,
+                  on_micro_batch=on_micro_batch)
 
 
 def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: list[list[int]], indices: list[int],
-            skip: tuple[int, ...], generator: torch.Generator, eos_ids: list[int]) -> ScoredBatch:
+            skip: tuple[int, ...], generator: torch.Generator, eos_ids: list[int], on_micro_batch=None) -> ScoredBatch:
     """prompts_per_step prompts x G completions from the nested model, scored, with group advantages."""
     G = recipe.rollout.group_size
-    rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids)
+    rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids, on_micro_batch)
     texts = decode_completions(policy.tokenizer, rollout.completion_ids, rollout.completion_mask)
     golds = [problems[i].answer for i in indices for _ in range(G)]
     rewards, correct = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight)
@@ -138,7 +139,8 @@ def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: li
 
 
 def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, temperature: float, micro: int,
-                         max_new_tokens: int, scale: float, old_logp: torch.Tensor | None, totals: dict | None = None) -> dict:
+                         max_new_tokens: int, scale: float, old_logp: torch.Tensor | None, totals: dict | None = None,
+                         on_micro_batch=None) -> dict:
     """Backward of the batch's loss (times `scale`), micro-batch by micro-batch. Returns logp (detached) + stats.
 
     `totals` are the aggregation normalizers (default: this batch's own token and sequence counts).
@@ -171,6 +173,8 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
         losses += float(micro_loss.detach())
         clipped += clip_frac * float(mask[sl].sum())
         logps.append(logp.detach())
+        if on_micro_batch is not None:
+            on_micro_batch(len(logps), -(-mask.shape[0] // micro), 0)
     all_logp = torch.cat(logps)
     stats = L.correction_weights(all_logp, r.behavior_logp, mask, cfg.correction, cfg.is_cap, cfg.retrace_lambda).stats
     return {"logp": all_logp, "loss": losses, "kl": kls, "clip_frac": clipped / totals["total_tokens"], "finite": finite, **stats}
@@ -181,7 +185,7 @@ def trainable(policy: Policy) -> list[torch.nn.Parameter]:
 
 
 def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], totals: list[dict], optimizer, scheduler,
-                  state: dict, ctx: Dist) -> tuple[list[dict], float, bool]:
+                  state: dict, ctx: Dist, on_micro_batch=None) -> tuple[list[dict], float, bool]:
     """`updates_per_batch` optimizer updates on the step's rollout batches. Non-finite loss/grad: update skipped."""
     params, cfg = trainable(policy), recipe.train
     old_logps: list[torch.Tensor | None] = [None] * len(batches)
@@ -189,7 +193,8 @@ def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], to
         results = []
         for i, batch in enumerate(batches):
             res = accumulate_gradients(policy, batch, recipe.loss, recipe.rollout.temperature, cfg.micro_batch_size,
-                                       recipe.rollout.max_new_tokens, 1.0 / len(batches), old_logps[i], totals[i])
+                                       recipe.rollout.max_new_tokens, 1.0 / len(batches), old_logps[i], totals[i],
+                                       on_micro_batch)
             old_logps[i] = res["logp"] if old_logps[i] is None else old_logps[i]
             results.append(res)
         sum_gradients(params, ctx)
@@ -325,12 +330,13 @@ def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
             batches = [
                 collect_or_explain(policy, recipe, train_problems, train_prompts,
                                    prompt_indices(step, a, recipe, len(train_prompts))[ctx.rank :: ctx.world],
-                                   schedule.draw(), generator, eos_ids)
+                                   schedule.draw(), generator, eos_ids, on_micro_batch=progress.within("rollout"))
                 for a in range(cfg.grad_accum)
             ]
             totals = [global_totals(b, recipe, ctx) for b in batches]
             # 2. Updates: the corrected GRPO loss (PPO-clipped against the first update's log-probs when repeated).
-            results, grad_norm, stepped = apply_updates(policy, recipe, batches, totals, optimizer, scheduler, state, ctx)
+            results, grad_norm, stepped = apply_updates(policy, recipe, batches, totals, optimizer, scheduler, state, ctx,
+                                                        progress.within("update"))
             # 3. Log (reduced over processes), adapt the skip ratio, evaluate, checkpoint.
             record = merge_records(gather_objects(step_record(step, batches, results, grad_norm, stepped, state, scheduler,
                                                               policy, t0, schedule.skip_ratio), ctx))
@@ -400,9 +406,9 @@ class Evaluator:
         return accuracy
 
 
-def collect_or_explain(policy: Policy, recipe: Recipe, *args) -> ScoredBatch:
+def collect_or_explain(policy: Policy, recipe: Recipe, *args, **kwargs) -> ScoredBatch:
     try:
-        return collect(policy, recipe, *args)
+        return collect(policy, recipe, *args, **kwargs)
     except torch.cuda.OutOfMemoryError:
         r = recipe.rollout
         raise UsageError(

@@ -181,3 +181,33 @@ def test_model_card_of_a_hub_model_names_it_and_its_interval():
     assert 'PeftModel.from_pretrained(base, "path/to/this/dir")' in card
     assert eval_line(None) == "not evaluated"
     assert "| RL steps trained | unknown |" in render_model_card(Recipe(), "", {}, "merged", "bfloat16")
+
+
+def test_plain_progress_shows_rollout_and_update_micro_batches(tracked_run):
+    """The tracked run has 2x4 rollouts, rollout.micro_batch=4 and train.micro_batch_size=4: 2 micro-batches each."""
+    _, output = tracked_run
+    lines = output.splitlines()
+    rollout = [line for line in lines if line.startswith("  step 1/2 rollout")]
+    assert [line.split(" (")[0] for line in rollout] == ["  step 1/2 rollout 1/2", "  step 1/2 rollout 2/2"]
+    tokens = [int(line.split("(")[1].split()[0]) for line in rollout]
+    assert 0 < tokens[0] <= tokens[1] <= 8 * 8  # 8 sequences of at most 8 new tokens
+    assert [line for line in lines if line.startswith("  step 2/2 update")] == ["  step 2/2 update 1/2", "  step 2/2 update 2/2"]
+    # in-step lines come before their step's line
+    assert lines.index("  step 1/2 update 2/2") < next(i for i, line in enumerate(lines) if line.startswith("step 1/2 "))
+
+
+def test_progress_modes(capsys):
+    from lowres_reft.metrics import Progress
+
+    quiet = Progress(3, 0, "none")
+    quiet.within("rollout")(1, 2, 10)
+    single = Progress(3, 0, "plain")
+    single.within("update")(1, 1)  # one micro-batch: nothing to add to the step line
+    assert capsys.readouterr().out == ""
+    bar = Progress(3, 0, "bar")
+    report = bar.within("rollout")
+    report(1, 2, 5)
+    assert bar.inner is not None and bar.inner.n == 1
+    report(2, 2, 9)
+    assert bar.inner is None  # the in-step bar goes away when the phase ends
+    bar.close()
