@@ -99,9 +99,11 @@ class DataConfig:
     # Use the tokenizer's chat template when it has one; a plain "Question/Answer" template otherwise.
     use_chat_template: bool = True
     max_prompt_tokens: int = 512
-    # Size of the builtin arithmetic data set (train, test).
+    # Size of the generated data sets (train, test): builtin:arithmetic and reasoning_gym:<task>.
     builtin_train_size: int = 2000
     builtin_test_size: int = 200
+    # Options of a reasoning_gym:<task> generator, e.g. { min_terms = 2, max_terms = 3 } (see reasoning_gym_data.py).
+    task_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         for key in ("max_train_samples", "max_eval_samples"):
@@ -355,6 +357,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a table, e.g. { key = 1 }"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -390,6 +394,10 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        raise TypeError
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
         raise TypeError
     raise AssertionError(f"unsupported config type {tp}")
 
@@ -462,6 +470,9 @@ def _validate_recipe(recipe: Recipe) -> None:
     if recipe.behavior.schedule == "fixed" and recipe.behavior.skip_ratio > 0:
         # With an explicit layer list the ratio is implied; refuse silently conflicting settings.
         raise ConfigError(f'{src}: [behavior] skip_ratio must be 0 (or omitted) when schedule = "fixed"; the layers list sets what is skipped')
+    if "reasoning_gym" in recipe.reward.functions and not recipe.data.name.startswith("reasoning_gym:"):
+        raise ConfigError(f'{src}: [reward] functions: "reasoning_gym" scores with a reasoning-gym task\'s verifier; '
+                          'it needs [data] name = "reasoning_gym:<task>"')
     if recipe.lora.init_lora_weights == "orthogonal" and recipe.model.load_in_4bit:
         raise ConfigError(f'{src}: [lora] init_lora_weights = "orthogonal" needs a 16/32-bit base ([model] load_in_4bit = false)')
     if recipe.model.name == "builtin:tiny":
@@ -516,4 +527,6 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise AssertionError(f"cannot write {value!r} as TOML")

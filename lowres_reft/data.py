@@ -276,7 +276,9 @@ def _row_svamp(row: dict[str, Any], f: _Fields) -> Problem | None:
 
 
 def _row_plain(row: dict[str, Any], f: _Fields) -> Problem | None:
-    question, answer = _text(row.get(f.question)), _text(row.get(f.answer))
+    from lowres_reft.trl_data import question_text
+
+    question, answer = _text(question_text(row.get(f.question))), _text(row.get(f.answer))
     if question is None or answer is None:
         return None
     solution = _text(row.get(f.solution)) if f.solution is not None else None
@@ -310,7 +312,7 @@ _SCHEMAS: dict[str, _Schema] = {
 }
 _ALIASES = {s.hub_id.lower(): name for name, s in _SCHEMAS.items() if s.hub_id}
 
-KNOWN_DATASETS: tuple[str, ...] = (BUILTIN_ARITHMETIC, *_SCHEMAS)
+KNOWN_DATASETS: tuple[str, ...] = (BUILTIN_ARITHMETIC, *_SCHEMAS, "reasoning_gym:<task>")
 
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SHARD = re.compile(r"(?P<split>.+?)-\d+-of-\d+(?:-[0-9a-f]+)?")
@@ -336,6 +338,10 @@ def load_problems(cfg: DataConfig, split: Literal["train", "eval"]) -> list[Prob
         else:
             problems = builtin_arithmetic_eval(cfg.builtin_test_size)
         return problems[:limit] if limit is not None else problems
+    if name.startswith("reasoning_gym:"):
+        from lowres_reft.reasoning_gym_data import load_reasoning_gym
+
+        return load_reasoning_gym(cfg, split)
 
     schema = _SCHEMAS.get(name) or _SCHEMAS.get(_ALIASES.get(name.lower(), ""))
     if schema is None:
@@ -525,6 +531,10 @@ def _load_directory(path: Path, schema: _Schema, split_name: str, split_key: str
 
 def _resolve_fields(schema: _Schema, cfg: DataConfig, columns: list[str], source: str) -> _Fields:
     question = cfg.question_field or schema.question
+    if cfg.question_field is None and schema.hub_id is None and question not in columns:
+        from lowres_reft.trl_data import question_column  # TRL-style rows: a prompt or messages column
+
+        question = question_column(columns) or question
     answer = cfg.answer_field or schema.answer
     solution = cfg.solution_field or schema.solution
     have = ", ".join(columns) or "none"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,15 @@ def grouped_metrics(record: dict[str, Any]) -> tuple[dict[str, float], int]:
 
 
 def flat_config(recipe_dict: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """{"train": {"lr": 1e-5}} -> {"train.lr": 1e-5}; lists become comma-joined text (hparams take scalars only)."""
+    """{"train": {"lr": 1e-5}} -> {"train.lr": 1e-5}; lists and tables become text (hparams take scalars only)."""
     out: dict[str, Any] = {}
     for section, values in recipe_dict.items():
         for key, value in values.items():
-            out[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+            if isinstance(value, list):
+                value = ",".join(map(str, value))
+            elif isinstance(value, dict):  # a generator's options table
+                value = json.dumps(value, sort_keys=True)
+            out[f"{section}.{key}"] = value
     return out
 
 
