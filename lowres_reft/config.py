@@ -67,12 +67,25 @@ class LoraConfig:
     # "all-linear" (peft's): every linear layer of the decoder but the LM head, as QLoRA does, on any architecture
     # (e.g. Phi-3's fused qkv_proj/gate_up_proj); or a list of module names, each of which must match a module.
     target_modules: tuple[str, ...] | Literal["all-linear"] = "all-linear"
+    # Rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r (steadier across ranks).
+    use_rslora: bool = False
+    # DoRA: a learned magnitude per output feature on top of the LoRA direction (slower steps, works on 4-bit).
+    use_dora: bool = False
+    # Modules trained in full and saved with the adapter (e.g. ["lm_head"]); empty = adapters only.
+    modules_to_save: tuple[str, ...] = ()
+    # "default": A random (Kaiming), B = 0; "gaussian": A ~ N(0, 1/r), B = 0; "orthogonal": A and B from
+    # orthogonal halves of a random basis, BA = 0 (even r and a 16/32-bit base only: peft casts A and B to the
+    # base weight's dtype, which is uint8 for a 4-bit base). All three leave the model unchanged at step 0.
+    init_lora_weights: Literal["default", "gaussian", "orthogonal"] = "default"
 
     def validate(self) -> None:
         _require(self.r >= 1, "r", "must be >= 1")
         _require(self.alpha > 0, "alpha", "must be > 0")
         _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _require(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+        _require(all(name.strip() for name in self.modules_to_save), "modules_to_save", "must not hold empty names")
+        _require(self.init_lora_weights != "orthogonal" or self.r % 2 == 0, "init_lora_weights",
+                 '= "orthogonal" needs an even r')
 
 
 @dataclass(frozen=True)
@@ -95,9 +108,11 @@ class DataConfig:
     # Handed to the chat template as `enable_thinking` when set (Qwen3: false = answer without a <think> block).
     enable_thinking: bool | None = None
     max_prompt_tokens: int = 512
-    # Size of the builtin arithmetic data set (train, test).
+    # Size of the generated data sets (train, test): builtin:arithmetic and reasoning_gym:<task>.
     builtin_train_size: int = 2000
     builtin_test_size: int = 200
+    # Options of a reasoning_gym:<task> generator, e.g. { min_terms = 2, max_terms = 3 } (see reasoning_gym_data.py).
+    task_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         _require(self.path is None or self.path.strip() != "", "path", 'must not be empty (omit it to use the named dataset; "." for the current directory)')
@@ -266,6 +281,11 @@ class LogConfig:
     run_name: str = ""
     # "auto": a progress bar on a terminal, plain lines otherwise.
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    # Experiment trackers, named as accelerate names them: "tensorboard", "wandb", "mlflow", "trackio", "comet_ml",
+    # "aim", "clearml", "dvclive", "swanlab" (see lowres_reft/tracking.py). metrics.jsonl is always written.
+    trackers: tuple[str, ...] = ()
+    # Project / experiment name handed to the hosted trackers (the run name names the run).
+    project: str = "lowres-reft"
 
     def validate(self) -> None:
         _require("/" not in self.run_name and self.run_name not in (".", ".."), "run_name", "must be a plain name, not a path")
@@ -357,6 +377,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a table, e.g. { key = 1 }"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -395,6 +417,10 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        raise TypeError
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
         raise TypeError
     raise AssertionError(f"unsupported config type {tp}")
 
@@ -472,6 +498,11 @@ def _validate_recipe(recipe: Recipe) -> None:
     if recipe.behavior.schedule == "fixed" and recipe.behavior.skip_ratio > 0:
         # With an explicit layer list the ratio is implied; refuse silently conflicting settings.
         raise ConfigError(f'{src}: [behavior] skip_ratio must be 0 (or omitted) when schedule = "fixed"; the layers list sets what is skipped')
+    if "reasoning_gym" in recipe.reward.functions and not recipe.data.name.startswith("reasoning_gym:"):
+        raise ConfigError(f'{src}: [reward] functions: "reasoning_gym" scores with a reasoning-gym task\'s verifier; '
+                          'it needs [data] name = "reasoning_gym:<task>"')
+    if recipe.lora.init_lora_weights == "orthogonal" and recipe.model.load_in_4bit:
+        raise ConfigError(f'{src}: [lora] init_lora_weights = "orthogonal" needs a 16/32-bit base ([model] load_in_4bit = false)')
     if recipe.model.name == "builtin:tiny":
         layers = recipe.model.tiny_layers
         if recipe.behavior.protect_first + recipe.behavior.protect_last >= layers:
@@ -524,6 +555,8 @@ def _toml_value(value: Any) -> str:
         return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise AssertionError(f"cannot write {value!r} as TOML")
 
 
@@ -550,7 +583,7 @@ RESUMABLE_KEYS = frozenset({
     "data.eval_split", "data.max_eval_samples",
     "eval.every", "eval.max_new_tokens", "eval.batch_size", "eval.before_training",
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume",
-    "log.output_dir", "log.run_name", "log.progress",
+    "log.output_dir", "log.run_name", "log.progress", "log.trackers", "log.project",
     "export.merged_dtype",
 })
 

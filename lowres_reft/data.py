@@ -310,7 +310,7 @@ _SCHEMAS: dict[str, _Schema] = {
 }
 _ALIASES = {s.hub_id.lower(): name for name, s in _SCHEMAS.items() if s.hub_id}
 
-KNOWN_DATASETS: tuple[str, ...] = (BUILTIN_ARITHMETIC, *_SCHEMAS)
+KNOWN_DATASETS: tuple[str, ...] = (BUILTIN_ARITHMETIC, *_SCHEMAS, "reasoning_gym:<task>")
 
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SHARD = re.compile(r"(?P<split>.+?)-\d+-of-\d+(?:-[0-9a-f]+)?")
@@ -336,6 +336,10 @@ def load_problems(cfg: DataConfig, split: Literal["train", "eval"]) -> list[Prob
         else:
             problems = builtin_arithmetic_eval(cfg.builtin_test_size)
         return problems[:limit] if limit is not None else problems
+    if name.startswith("reasoning_gym:"):
+        from lowres_reft.reasoning_gym_data import load_reasoning_gym
+
+        return load_reasoning_gym(cfg, split)
 
     schema = _SCHEMAS.get(name) or _SCHEMAS.get(_ALIASES.get(name.lower(), ""))
     if schema is None:
@@ -535,6 +539,10 @@ def _load_directory(path: Path, schema: _Schema, split_name: str, split_key: str
 
 def _resolve_fields(schema: _Schema, cfg: DataConfig, columns: list[str], source: str) -> _Fields:
     question = cfg.question_field or schema.question
+    if cfg.question_field is None and schema.hub_id is None and question not in columns:
+        from lowres_reft.trl_data import question_column  # TRL-style rows: a prompt or messages column
+
+        question = question_column(columns) or question
     answer = cfg.answer_field or schema.answer
     solution = cfg.solution_field or schema.solution
     have = ", ".join(columns) or "none"
@@ -582,6 +590,10 @@ def _to_problems(
     n_rows = ds.num_rows
     order = list(range(n_rows))
     random.Random(seed).shuffle(order)
+    if fields.question in columns:  # a TRL-style `messages` cell (list of {role, content}) -> its last user message
+        from lowres_reft.trl_data import question_text
+
+        columns[fields.question] = [question_text(v) for v in columns[fields.question]]
     _check_cell_types(columns, source)
     problems: list[Problem] = []
     skipped = 0

@@ -13,6 +13,9 @@ model was loaded).
   4-bit layers are first replaced by plain `nn.Linear`s holding `dequantize_4bit(weight)` and merged there
   (in float32). The result loads with plain `AutoModelForCausalLM.from_pretrained(merged_out)`.
 
+Both write a README.md model card (front matter for the Hub, base model, steps, final eval with its 95%
+interval, the recipe; see modelcard.py).
+
 The builtin tiny model (`model.name = "builtin:tiny"`) is cached under the run's output dir
 (`recipe.log.output_dir`). The export resolves that cache dir as the directory that contains the run,
 i.e. `checkpoint.resolve().parent.parent` (`runs/` for `runs/<run>/checkpoint-000010`), so it finds the
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from lowres_reft.errors import UsageError
+from lowres_reft.modelcard import write_model_card
 
 MERGED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TRAIN_HINT = "train first with `lowres-reft run <recipe>`"
@@ -165,6 +169,7 @@ def _write_adapter(ckpt: Path, recipe, cache_dir: Path, tmp: Path) -> None:
         else:
             shutil.copy2(item, tmp / item.name)
     _load_tokenizer(recipe, cache_dir).save_pretrained(tmp)
+    write_model_card(tmp, ckpt, recipe, "adapter")
 
 
 def _write_merged(ckpt: Path, recipe, cache_dir: Path, dtype: torch.dtype, tmp: Path) -> None:
@@ -182,6 +187,7 @@ def _write_merged(ckpt: Path, recipe, cache_dir: Path, dtype: torch.dtype, tmp: 
     merged.config.dtype = dtype
     merged.save_pretrained(tmp, safe_serialization=True)
     policy.tokenizer.save_pretrained(tmp)
+    write_model_card(tmp, ckpt, recipe, "merged", merged_dtype=str(dtype).removeprefix("torch."))
 
 
 # ------------------------------------------------------------------------------------------- merging

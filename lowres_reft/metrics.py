@@ -75,6 +75,9 @@ class MetricsLog:
         finally:
             os.close(fd)
 
+    def close(self) -> None:
+        """Nothing to release (every write opens and closes the file); trackers wrapping this log close theirs."""
+
 
 def _write(fd: int, data: bytes) -> int:
     return os.write(fd, data)
@@ -93,18 +96,51 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A tqdm bar on a terminal, one plain line per step otherwise."""
+    """A tqdm bar on a terminal, one plain line per step otherwise.
+
+    Within a step, `within(phase)` gives the callback that rollout and update loops call after each micro-batch:
+    a second, transient tqdm bar on a terminal; in plain mode one line per micro-batch when the phase has more
+    than one (a one-micro-batch phase says nothing the step line does not).
+    """
 
     def __init__(self, total: int, initial: int, mode: str = "auto") -> None:
         self.mode = ("bar" if sys.stderr.isatty() else "plain") if mode == "auto" else mode
         self.total = total
+        self.step = initial
         self.bar = None
+        self.inner = None
         if self.mode == "bar":
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
+    def within(self, phase: str):
+        """Callback(done, total, tokens) for the micro-batches of `phase` ("rollout", "update") of the next step."""
+
+        def report(done: int, total: int, tokens: int = 0) -> None:
+            detail = f" ({tokens} tokens)" if tokens else ""
+            if self.bar is not None:
+                self._inner_bar(phase, done, total, detail)
+            elif self.mode == "plain" and total > 1:
+                print(f"  step {self.step + 1}/{self.total} {phase} {done}/{total}{detail}", flush=True)
+
+        return report
+
+    def _inner_bar(self, phase: str, done: int, total: int, detail: str) -> None:
+        from tqdm import tqdm
+
+        if self.inner is None or done == 1:
+            if self.inner is not None:
+                self.inner.close()
+            self.inner = tqdm(total=total, desc=f"  {phase}", position=1, leave=False, dynamic_ncols=True)
+        self.inner.n = done
+        self.inner.set_postfix_str(detail.strip(" ()"), refresh=True)
+        if done >= total:
+            self.inner.close()
+            self.inner = None
+
     def update(self, record: dict[str, Any]) -> None:
+        self.step = record["step"]
         shown = {label: record.get(key) for label, key in PROGRESS_KEYS}
         text = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items() if v is not None)
         if self.bar is not None:
@@ -120,5 +156,8 @@ class Progress:
             print(text, flush=True)
 
     def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
         if self.bar is not None:
             self.bar.close()

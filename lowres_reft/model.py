@@ -182,8 +182,17 @@ def add_lora(base: nn.Module, lora_cfg: LoraConfig, seed: int = 0) -> nn.Module:
     if targets != "all-linear":
         check_lora_targets(base, targets)
         targets = list(targets)
-    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                              target_modules=targets, task_type="CAUSAL_LM")
+    peft_cfg = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        use_rslora=lora_cfg.use_rslora,
+        use_dora=lora_cfg.use_dora,
+        modules_to_save=list(lora_cfg.modules_to_save) or None,
+        init_lora_weights=True if lora_cfg.init_lora_weights == "default" else lora_cfg.init_lora_weights,
+    )
     torch.manual_seed(seed)  # LoRA A init depends only on the seed, not on what ran before
     return get_peft_model(base, peft_cfg)
 

@@ -435,9 +435,17 @@ def format_reward(completion: str, gold: str) -> float:
         return 0.0
 
 
+def reasoning_gym_reward(completion: str, gold: str) -> float:
+    """A reasoning-gym task's own verifier (see reasoning_gym_data.py); needs [data] name = "reasoning_gym:<task>"."""
+    from lowres_reft.reasoning_gym_data import reasoning_gym_reward as task_score
+
+    return task_score(completion, gold)
+
+
 REWARDS: dict[str, RewardFn] = {
     "math_correct": math_correct,
     "format": format_reward,
+    "reasoning_gym": reasoning_gym_reward,
 }
 
 

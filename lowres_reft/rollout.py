@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -161,10 +162,12 @@ def sample(
     generator: torch.Generator | None = None,
     greedy: bool = False,
     micro_batch: int = 0,
+    on_micro_batch: Callable[[int, int, int], None] | None = None,
 ) -> RolloutBatch:
     """Sample one completion per prompt (repeat prompts G times for a group) from the nested model.
 
     prompts: N token lists. Returns a RolloutBatch; behavior_logp is log mu(y_t | .) of each sampled token.
+    on_micro_batch(done, total, tokens so far) is called after each micro-batch (progress display).
     """
     device = next(p for p in model.parameters()).device
     was_training = model.training
@@ -181,6 +184,8 @@ def sample(
                     _decode(model, prompt_ids[lo : lo + size], prompt_mask[lo : lo + size], max_new_tokens,
                             temperature, top_p, eos, pad_id, generator, greedy)
                 )
+                if on_micro_batch is not None:
+                    on_micro_batch(len(parts), -(-len(prompts) // size), int(sum(p[2].sum().item() for p in parts)))
     finally:
         model.train(was_training)
     width = max(p[0].shape[1] for p in parts)

@@ -33,6 +33,7 @@ from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
 from lowres_reft.rewards import resolve_rewards, score
 from lowres_reft.rollout import RolloutBatch, check_generation_length, sample
 from lowres_reft.rundir import RunLock, check_not_locked
+from lowres_reft.tracking import check_trackers, open_trackers
 
 
 @dataclass
@@ -118,19 +119,20 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_u
 
 
 def rollout_rows(policy: Policy, recipe: Recipe, prompts: list[list[int]], skip: tuple[int, ...],
-                 generator: torch.Generator, eos_ids: list[int]) -> RolloutBatch:
+                 generator: torch.Generator, eos_ids: list[int], on_micro_batch=None) -> RolloutBatch:
     """G completions of each prompt, group-contiguous (the G completions of a prompt side by side)."""
     r = recipe.rollout
     rows = [p for p in prompts for _ in range(r.group_size)]
     return sample(policy.model, rows, max_new_tokens=r.max_new_tokens, eos_ids=eos_ids, pad_id=policy.tokenizer.pad_token_id,
-                  temperature=r.temperature, top_p=r.top_p, skip=skip, generator=generator, micro_batch=r.micro_batch)
+                  temperature=r.temperature, top_p=r.top_p, skip=skip, generator=generator, micro_batch=r.micro_batch,
+                  on_micro_batch=on_micro_batch)
 
 
 def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: list[list[int]], indices: list[int],
-            skip: tuple[int, ...], generator: torch.Generator, eos_ids: list[int]) -> ScoredBatch:
+            skip: tuple[int, ...], generator: torch.Generator, eos_ids: list[int], on_micro_batch=None) -> ScoredBatch:
     """prompts_per_step prompts x G completions from the nested model, scored, with group advantages."""
     G = recipe.rollout.group_size
-    rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids)
+    rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids, on_micro_batch)
     texts = decode_completions(policy.tokenizer, rollout.completion_ids, rollout.completion_mask)
     golds = [problems[i].answer for i in indices for _ in range(G)]
     scores = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight,
@@ -141,7 +143,8 @@ def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: li
 
 
 def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, temperature: float, micro: int,
-                         max_new_tokens: int, scale: float, old_logp: torch.Tensor | None, totals: dict | None = None) -> dict:
+                         max_new_tokens: int, scale: float, old_logp: torch.Tensor | None, totals: dict | None = None,
+                         on_micro_batch=None) -> dict:
     """Backward of the batch's loss (times `scale`), micro-batch by micro-batch. Returns logp (detached) + stats.
 
     `totals` are the aggregation normalizers (default: this batch's own token and sequence counts).
@@ -179,6 +182,8 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
         losses += float(micro_loss.detach())
         clipped += clip_frac * float(mask[sl].sum())
         logps.append(logp.detach())
+        if on_micro_batch is not None:
+            on_micro_batch(len(logps), -(-mask.shape[0] // micro), 0)
         # Without a backward the graph keeps its saved activations: drop it before the next micro-batch's forward.
         del logp, objective, micro_loss
     all_logp = torch.cat(logps)
@@ -191,7 +196,7 @@ def trainable(policy: Policy) -> list[torch.nn.Parameter]:
 
 
 def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], totals: list[dict], optimizer, scheduler,
-                  state: dict, ctx: Dist) -> tuple[list[dict], float, bool]:
+                  state: dict, ctx: Dist, on_micro_batch=None) -> tuple[list[dict], float, bool]:
     """`updates_per_batch` optimizer updates on the step's rollout batches. Non-finite loss/grad: update skipped."""
     params, cfg = trainable(policy), recipe.train
     old_logps: list[torch.Tensor | None] = [None] * len(batches)
@@ -199,7 +204,8 @@ def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], to
         results = []
         for i, batch in enumerate(batches):
             res = accumulate_gradients(policy, batch, recipe.loss, recipe.rollout.temperature, cfg.micro_batch_size,
-                                       recipe.rollout.max_new_tokens, 1.0 / len(batches), old_logps[i], totals[i])
+                                       recipe.rollout.max_new_tokens, 1.0 / len(batches), old_logps[i], totals[i],
+                                       on_micro_batch)
             old_logps[i] = res["logp"] if old_logps[i] is None else old_logps[i]
             results.append(res)
         sum_gradients(params, ctx)
@@ -296,6 +302,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
     resume = resume or recipe.checkpoint.resume == "latest"
     check_model_name(recipe.model)  # fail on bad input before writing anything
     resolve_rewards(recipe.reward.functions)  # unknown names / unimportable modules: one line, nothing written
+    check_trackers(recipe.log.trackers)
     train_problems, eval_problems = load_problems(recipe.data, "train"), load_problems(recipe.data, "eval")
     run_dir = check_run_dir(recipe, resume)
     ckpt = latest_good_checkpoint(run_dir, warn=say) if resume else None
@@ -347,6 +354,10 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
         raise lock_error if ctx.is_main else UsageError(f"{run_dir}: the main process could not open the run directory")
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if ckpt else None,
                          pending=pending) if ctx.is_main else NullLog()
+    if ctx.is_main:
+        metrics = open_trackers(metrics, recipe.log.trackers, recipe.log.project, recipe.run_name, run_dir,
+                                recipe.to_dict(), resume_step=state["step"] if ckpt else None)
+        cleanup.callback(metrics.close)  # trackers flush and finish however the run ends
     evaluator = Evaluator(policy, recipe, eval_problems, encode_prompts(policy.tokenizer, eval_problems, recipe), eos_ids,
                           run_dir, state["eval_history"], metrics, ctx)
 
@@ -381,12 +392,13 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
             batches = [
                 collect_or_explain(policy, recipe, train_problems, train_prompts,
                                    prompt_indices(step, a, recipe, len(train_prompts))[ctx.rank :: ctx.world],
-                                   schedule.draw(), generator, eos_ids)
+                                   schedule.draw(), generator, eos_ids, on_micro_batch=progress.within("rollout"))
                 for a in range(cfg.grad_accum)
             ]
             totals = [global_totals(b, recipe, ctx) for b in batches]
             # 2. Updates: the corrected GRPO loss (PPO-clipped against the first update's log-probs when repeated).
-            results, grad_norm, stepped = apply_updates(policy, recipe, batches, totals, optimizer, scheduler, state, ctx)
+            results, grad_norm, stepped = apply_updates(policy, recipe, batches, totals, optimizer, scheduler, state, ctx,
+                                                        progress.within("update"))
             # 3. Log (reduced over processes), adapt the skip ratio, evaluate, checkpoint.
             record = merge_records(gather_objects(step_record(step, batches, results, grad_norm, stepped, state, scheduler,
                                                               policy, t0, schedule.skip_ratio), ctx))
@@ -415,6 +427,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
         progress.close()
     evaluator(step, "final", say)
     path = checkpoint(step)
+    metrics.close()
     if ctx.is_main:
         from lowres_reft.report import write_report
 
@@ -455,6 +468,9 @@ class NullLog:
     def write(self, record: dict) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class Evaluator:
     """Greedy accuracy of the full model, sharded over processes; rank 0 writes eval.json and a metrics line."""
@@ -480,9 +496,9 @@ class Evaluator:
         return accuracy
 
 
-def collect_or_explain(policy: Policy, recipe: Recipe, *args) -> ScoredBatch:
+def collect_or_explain(policy: Policy, recipe: Recipe, *args, **kwargs) -> ScoredBatch:
     try:
-        return collect(policy, recipe, *args)
+        return collect(policy, recipe, *args, **kwargs)
     except torch.cuda.OutOfMemoryError:
         r = recipe.rollout
         raise UsageError(

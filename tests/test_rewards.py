@@ -246,7 +246,7 @@ NOT_CALLABLE = 3
 
 
 def test_registry_known_names():
-    assert set(REWARDS) == {"math_correct", "format"}
+    assert set(REWARDS) == {"math_correct", "format", "reasoning_gym"}
     assert get_reward_fn("math_correct") is math_correct
     assert get_reward_fn("format") is format_reward
 

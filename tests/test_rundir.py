@@ -163,8 +163,12 @@ def _string_keys() -> list[tuple[str, str, typing.Any]]:
     for section in _sections():
         for key, tp in typing.get_type_hints(hints[section]).items():
             args = [a for a in typing.get_args(tp) if a is not type(None)]
+            # a union such as `tuple[str, ...] | Literal["all-linear"]` holds free text through its tuple member
+            listed = next((a for a in args if typing.get_origin(a) is tuple), None)
             if tp is str or args == [str] or (typing.get_origin(tp) is tuple and args[:1] == [str]):
                 out.append((section, key, tp))
+            elif listed is not None and typing.get_args(listed)[:1] == (str,):
+                out.append((section, key, listed))
     return out
 
 
