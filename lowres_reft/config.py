@@ -52,11 +52,15 @@ class ModelConfig:
     tiny_hidden: int = 128
     # Pretraining steps of the builtin tiny model on generated arithmetic text (0 = random init); see tiny.py.
     tiny_pretrain_steps: int = 0
+    # LayerDrop rate of that pretraining: each middle layer is skipped with this probability in each step, so the
+    # base tolerates the nested rollouts' skipped layers; 0 = never (like a real checkpoint). Part of the cache key.
+    tiny_layerdrop: float = 0.3
 
     def validate(self) -> None:
         _require(self.tiny_layers >= 2, "tiny_layers", "must be >= 2")
         _require(self.tiny_hidden >= 32 and self.tiny_hidden % 32 == 0, "tiny_hidden", "must be a multiple of 32")
         _require(self.tiny_pretrain_steps >= 0, "tiny_pretrain_steps", "must be >= 0")
+        _require(0.0 <= self.tiny_layerdrop < 1.0, "tiny_layerdrop", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "builtin:arithmetic" (generated locally), "gsm8k", "svamp", "math12k", "math500", "jsonl", "parquet", "csv".
+    # "builtin:arithmetic", "builtin:reasoning" (generated locally), "gsm8k", "svamp", "math12k", "math500", "jsonl", "parquet", "csv".
     name: str = "gsm8k"
     # Local file or directory; when set it is loaded instead of the hub dataset.
     path: str | None = None
@@ -92,7 +96,7 @@ class DataConfig:
     # Use the tokenizer's chat template when it has one; a plain "Question/Answer" template otherwise.
     use_chat_template: bool = True
     max_prompt_tokens: int = 512
-    # Size of the builtin arithmetic data set (train, test).
+    # Size of the builtin data sets (train, test).
     builtin_train_size: int = 2000
     builtin_test_size: int = 200
 

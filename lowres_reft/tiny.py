@@ -41,7 +41,7 @@ PAD, EOS = "<pad>", "<|endoftext|>"
 # The tokenizer's characters, one token each (ids 2..97 in this order): printable ASCII and the newline.
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 # Bump when the corpus generator or the training loop changes (the cache key includes it).
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,16 @@ class PretrainPhase:
     seq_len: int
     lr: float
     warmup: int
-    # Mix of the pieces of text: bare equations, scenes (prose, then the equation on the next line), and phrases
-    # (the rest: "the sum of 7 and 5 is 7+5=12").
+    # Mix of the pieces of text: bare equations, scenes (prose, then the equation on the next line), chains
+    # (2-4 equations, each starting from the previous result, bare or after prose holding their operands), and
+    # phrases (the rest: "the sum of 7 and 5 is 7+5=12").
     eq_fraction: float
     scene_fraction: float
     # Loss weight of the context tokens (phrases, prose) relative to the equations (which always have weight 1).
     context_loss_weight: float = 1.0
     # Fraction of phrases and scenes whose equation is followed by the restated result ("7+5=12, that is 12.").
     restate_fraction: float = 0.0
+    chain_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,32 +72,38 @@ class PretrainSettings:
     phases: tuple[PretrainPhase, ...]
     # LayerDrop: in each step every middle layer (not the first or the last) is skipped with this probability
     # (never all of them), so the model also works with layers skipped, as the nested behavior policy runs it.
+    # 0 = never: a base that never saw a layer skipped, like a real pretrained checkpoint.
     layer_drop: float = 0.3
-    # Operand ranges: those of the builtin word problems (sums and differences of numbers up to 20, products of
-    # 1..5 by 1..10), so a minute of training learns the facts the task needs.
-    max_add: int = 20
-    max_mul_a: int = 5
-    max_mul_b: int = 10
+    # Value ranges: those of the builtin tasks (lowres_reft.reasoning: values up to 60, "+"/"-" operands up to
+    # 15, multipliers up to 5; builtin:arithmetic: sums of numbers up to 20), so that two minutes of training
+    # learn the facts the tasks need. Sums and differences: results and minuends <= max_value, the other
+    # operand <= max_operand; products: a factor <= max_factor times a multiplier <= max_multiplier (either
+    # order), at most max_value.
+    max_value: int = 60
+    max_operand: int = 20
+    max_factor: int = 12
+    max_multiplier: int = 5
     # What follows each piece of text: the end-of-text token (each piece is a document of its own, so the model
     # learns to end a text after its result, as the task's completions do).
     separator: str = EOS
 
 
-def pretrain_settings(steps: int) -> PretrainSettings:
+def pretrain_settings(steps: int, layer_drop: float = 0.3) -> PretrainSettings:
     """The builtin recipe for `steps` steps in all: 7/12 of them in phase 1, the rest in phase 2.
 
-    Phase 1 (short rows of 64 characters, 32 per batch): bare equations and phrases, loss on every token (the
-    model learns the arithmetic facts and to copy numbers within a line; without the short, dense rows first it
-    does not learn the arithmetic in the same time). Phase 2 (rows of 128, 16 per batch): half of the pieces are
-    scenes, loss on the equations only (the prose is random words: predicting it would only waste capacity), so
-    the model learns to find the numbers in a paragraph across a line break and to do arithmetic after prose.
+    Phase 1 (short rows of 64 characters, 32 per batch): bare equations, bare chains and phrases, loss on every
+    token (the model learns the arithmetic facts, to carry a result into the next equation and to copy numbers
+    within a line; without the short, dense rows first it does not learn the arithmetic in the same time).
+    Phase 2 (rows of 128, 16 per batch): half of the pieces are scenes or chains after prose, loss on the
+    equations only (the prose is random words: predicting it would only waste capacity), so the model learns
+    to find the numbers in a paragraph across a line break, in order, and to do arithmetic after prose.
     """
     first = round(steps * 7 / 12)
-    return PretrainSettings(phases=(
-        PretrainPhase(steps=first, batch_size=32, seq_len=64, lr=5e-3, warmup=30, eq_fraction=0.5, scene_fraction=0.0,
-                      context_loss_weight=1.0, restate_fraction=0.3),
-        PretrainPhase(steps=steps - first, batch_size=16, seq_len=128, lr=3e-3, warmup=10, eq_fraction=0.4,
-                      scene_fraction=0.5, context_loss_weight=0.0, restate_fraction=0.0),
+    return PretrainSettings(layer_drop=layer_drop, phases=(
+        PretrainPhase(steps=first, batch_size=32, seq_len=64, lr=5e-3, warmup=30, eq_fraction=0.4, scene_fraction=0.0,
+                      context_loss_weight=1.0, restate_fraction=0.3, chain_fraction=0.3),
+        PretrainPhase(steps=steps - first, batch_size=16, seq_len=128, lr=3e-3, warmup=10, eq_fraction=0.2,
+                      scene_fraction=0.3, context_loss_weight=0.0, restate_fraction=0.0, chain_fraction=0.4),
     ))
 
 
@@ -166,8 +174,8 @@ _LABELS = {"+": ("add", "sum", "total"), "-": ("subtract", "difference", "minus"
            "*": ("multiply", "product", "times")}
 
 
-def _sentence(rng: random.Random, numbers: tuple[int, ...] = ()) -> str:
-    words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 10))]
+def _sentence(rng: random.Random, numbers: tuple[int, ...] = (), words: tuple[int, int] = (4, 10)) -> str:
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(*words))]
     slots = sorted(rng.sample(range(1, len(words) + 1), len(numbers)))
     for offset, (slot, number) in enumerate(zip(slots, numbers)):
         words.insert(slot + offset, str(number))
@@ -184,23 +192,61 @@ def _scene(rng: random.Random, a: int, b: int, op: str, eq: str) -> str:
     return f"{prose}\n{rng.choice(_LABELS[op])}: {eq}"
 
 
-def arithmetic_piece(rng: random.Random, s: PretrainSettings, phase: PretrainPhase) -> tuple[str, str]:
-    """One piece of pretraining text as (context, equation): a bare equation (empty context), an equation after a
-    phrase naming the operation, or the last line of a scene; the equation sometimes restates its result. The
-    text is context + equation."""
-    op = rng.choice("++--*")
+def random_operation(rng: random.Random, s: PretrainSettings, a: int | None = None) -> tuple[int, str, int, int]:
+    """(a, op, b, c) with c = a op b within the settings' ranges; `a` given: an operation on that value (a chain's
+    next step), whose op is one that keeps the result in range."""
+    ops = "++--*"
+    if a is not None:
+        ops = "".join(op for op in ops if (op != "*" or 2 * a <= s.max_value and a <= s.max_factor)
+                      and (op != "+" or a < s.max_value) and (op != "-" or a > 0))
+    op = rng.choice(ops)
     if op == "+":
-        a, b = rng.randint(0, s.max_add), rng.randint(0, s.max_add)
-        c = a + b
-    elif op == "-":
-        a = rng.randint(0, s.max_add)
-        b = rng.randint(0, a)
-        c = a - b
-    else:
-        a, b = rng.randint(1, s.max_mul_a), rng.randint(1, s.max_mul_b)
-        c = a * b
-    eq = f"{a}{op}{b}={c}"
+        b = rng.randint(0, min(s.max_operand, s.max_value - (a or 0)))
+        a = rng.randint(0, s.max_value - b) if a is None else a
+        return a, op, b, a + b
+    if op == "-":
+        if a is None:
+            b = rng.randint(0, s.max_operand)
+            a = rng.randint(b, s.max_value)
+        else:
+            b = rng.randint(0, min(s.max_operand, a))
+        return a, op, b, a - b
+    if a is not None:
+        b = rng.randint(1, min(s.max_multiplier, s.max_value // max(1, a)))
+        return a, op, b, a * b
+    a, b = rng.randint(1, s.max_factor), rng.randint(1, s.max_multiplier)
+    while a * b > s.max_value:
+        a, b = rng.randint(1, s.max_factor), rng.randint(1, s.max_multiplier)
+    return (a, op, b, a * b) if rng.random() < 0.5 else (b, op, a, a * b)
+
+
+def _chain(rng: random.Random, s: PretrainSettings) -> tuple[list[int], str]:
+    """2-4 equations, each starting from the previous result: the operands in order (the first equation's two,
+    then one per equation) and the text "7+5=12. 12-3=9. 9*2=18."."""
+    a, op, b, c = random_operation(rng, s)
+    operands, eqs = [a, b], [f"{a}{op}{b}={c}"]
+    for _ in range(rng.randint(1, 3)):
+        a, op, b, c = random_operation(rng, s, c)
+        operands.append(b)
+        eqs.append(f"{a}{op}{b}={c}")
+    return operands, " ".join(eq + "." for eq in eqs)
+
+
+def arithmetic_piece(rng: random.Random, s: PretrainSettings, phase: PretrainPhase) -> tuple[str, str]:
+    """One piece of pretraining text as (context, equations): a bare equation (empty context), an equation after
+    a phrase naming the operation, the last line of a scene, or a chain of equations (bare, or after prose that
+    holds its operands in order, one per sentence); a single equation sometimes restates its result. The text is
+    context + equations."""
     kind = rng.random()
+    if kind < phase.chain_fraction:
+        operands, chain = _chain(rng, s)
+        if phase.scene_fraction == 0.0 or rng.random() < 0.5:  # prose only in the phases that have scenes
+            return "", chain
+        prose = " ".join(_sentence(rng, (n,), words=(2, 5)) for n in operands)
+        return prose + "\n", chain
+    a, op, b, c = random_operation(rng, s)
+    eq = f"{a}{op}{b}={c}"
+    kind = (kind - phase.chain_fraction) / (1.0 - phase.chain_fraction)
     if kind < phase.eq_fraction:
         return "", eq
     if kind < phase.eq_fraction + phase.scene_fraction:
@@ -298,23 +344,26 @@ def pretrain_key(layers: int, hidden: int, seed: int, settings: PretrainSettings
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def tiny_dir_name(layers: int, hidden: int, pretrain_steps: int = 0, seed: int = 0) -> str:
-    """Cache directory name: `tiny-qwen2-L{layers}-H{hidden}`, plus `-pt{steps}-{hash}` when pretrained."""
+def tiny_dir_name(layers: int, hidden: int, pretrain_steps: int = 0, seed: int = 0, layer_drop: float = 0.3) -> str:
+    """Cache directory name: `tiny-qwen2-L{layers}-H{hidden}`, plus `-pt{steps}-{hash}` when pretrained (the hash
+    covers the LayerDrop rate, with every other pretraining setting)."""
     name = f"tiny-qwen2-L{layers}-H{hidden}"
     if pretrain_steps > 0:
-        name += f"-pt{pretrain_steps}-{pretrain_key(layers, hidden, seed, pretrain_settings(pretrain_steps))}"
+        settings = pretrain_settings(pretrain_steps, layer_drop)
+        name += f"-pt{pretrain_steps}-{pretrain_key(layers, hidden, seed, settings)}"
     return name
 
 
 def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int = 0, pretrain_steps: int = 0,
-                      log=print) -> Path:
+                      log=print, layer_drop: float = 0.3) -> Path:
     """Build (once) and return the directory of the tiny model + tokenizer. Safe against partial writes.
 
-    `pretrain_steps > 0` pretrains the model on arithmetic text first (see the module docstring).
+    `pretrain_steps > 0` pretrains the model on arithmetic text first, with LayerDrop rate `layer_drop` (see
+    the module docstring); `layer_drop` is ignored without pretraining.
     """
     from transformers import Qwen2ForCausalLM
 
-    target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed)
+    target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed, layer_drop)
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     tokenizer = build_tokenizer()
@@ -325,9 +374,9 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
         if pretrain_steps > 0:
             if log is not None:
                 log(f"building the tiny model: pretraining {layers} layers x {hidden} on arithmetic text "
-                    f"({pretrain_steps} steps, cached in {target})")
+                    f"({pretrain_steps} steps, LayerDrop {layer_drop:g}, cached in {target})")
             with torch.enable_grad():
-                pretrain(model, tokenizer, pretrain_settings(pretrain_steps), seed, log)
+                pretrain(model, tokenizer, pretrain_settings(pretrain_steps, layer_drop), seed, log)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
