@@ -96,3 +96,37 @@ def test_only_the_stated_final_answer_earns_the_reward():
     assert math_correct_final(chain, p.answer) == 0.0
     # the chain's last result is the answer, but only a stated "The answer is N." counts
     assert _EQ.findall(chain)[-1][3] == p.answer and extract_answer(chain) == p.answer
+
+
+def test_greedy_eval_honours_require_final_answer(monkeypatch):
+    """A chain cut off by max_new_tokens whose last number happens to be the answer is not a solved problem."""
+    import torch
+
+    from lowres_reft import evaluate as ev
+    from lowres_reft.data import Problem
+    from lowres_reft.trainer import Evaluator
+
+    tok = build_tokenizer()
+    texts = [" 3+4=7. 7*2=14", " 3+4=7. 7*2=14. The answer is 14."]
+
+    class Batch:
+        completion_ids = torch.tensor([tok(t)["input_ids"] + [0] * (40 - len(t)) for t in texts])
+        completion_mask = torch.tensor([[1] * len(t) + [0] * (40 - len(t)) for t in texts])
+
+    monkeypatch.setattr(ev, "sample", lambda *a, **k: Batch)
+    problems = [Problem("q1", "14", None), Problem("q2", "14", None)]
+    args = (None, tok, problems, [[5], [5]], [1], 40, 2)
+    assert ev.evaluate(*args).accuracy == 1.0  # the last number counts by default
+    assert ev.evaluate(*args, require_final=True).accuracy == 0.5
+    # the trainer's evaluator passes the recipe's [reward] require_final_answer
+    seen = {}
+    monkeypatch.setattr("lowres_reft.trainer.evaluate",
+                        lambda *a, **k: seen.update(k) or ev.EvalResult(0.0, 0, []))
+    from types import SimpleNamespace
+
+    recipe = SimpleNamespace(eval=SimpleNamespace(max_new_tokens=40, batch_size=2),
+                             reward=SimpleNamespace(require_final_answer=True))
+    policy = SimpleNamespace(model=None, tokenizer=tok)
+    ctx = SimpleNamespace(rank=0, world=1, is_main=False, enabled=False)
+    Evaluator(policy, recipe, problems, [[5], [5]], [1], None, [], None, ctx)(0, "x", print)
+    assert seen.get("require_final") is True
