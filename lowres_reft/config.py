@@ -55,6 +55,9 @@ class ModelConfig:
     # LayerDrop rate of that pretraining: each middle layer is skipped with this probability in each step, so the
     # base tolerates the nested rollouts' skipped layers; 0 = never (like a real checkpoint). Part of the cache key.
     tiny_layerdrop: float = 0.3
+    # Text of that pretraining: "arithmetic" (equations, phrases, scenes) or "reasoning" (also chains of carried
+    # equations, for builtin:reasoning); see tiny.pretrain_settings. Part of the cache key.
+    tiny_corpus: Literal["arithmetic", "reasoning"] = "arithmetic"
 
     def validate(self) -> None:
         _require(self.tiny_layers >= 2, "tiny_layers", "must be >= 2")

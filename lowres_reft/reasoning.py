@@ -12,7 +12,7 @@ The reference solution is the chain of equations, one per operation, ending with
 characters: 30-70 tokens with the tiny character-level model). The reward checks the final answer only;
 `[reward] require_final_answer = true` credits an explicitly stated answer, never a chain's intermediate result.
 
-Numbers stay small (every value <= `MAX_VALUE`, operands of "+"/"-" <= 15, multipliers 2-5) so the arithmetic
+Numbers stay small (every value <= `MAX_VALUE`, operands of "+"/"-" <= 9, multipliers 2-4) so the arithmetic
 is within reach of the tiny pretrained model (`lowres_reft.tiny` pretrains on the same ranges).
 
 Splits: every question text belongs to one pool by a stable hash of the text (one in `_EVAL_POOL_MOD` is
@@ -30,8 +30,8 @@ from lowres_reft.data import BUILTIN_REASONING, Problem  # noqa: F401 - the name
 REASONING_EVAL_SEED = 4321
 _EVAL_POOL_MOD = 8
 # Largest value a problem ever holds (start, intermediate results, answer); the pretraining covers it.
-MAX_VALUE = 60
-MAX_OPERAND = 15
+MAX_VALUE = 20
+MAX_OPERAND = 9
 MIN_OPS, MAX_OPS = 2, 4
 
 _PEOPLE = (("Tom", "He"), ("Ann", "She"), ("Sam", "He"), ("Mia", "She"), ("Ben", "He"), ("Lily", "She"),
@@ -51,9 +51,9 @@ def _plural(obj: str) -> str:
 def _start(rng: random.Random, name: str, obj: str) -> tuple[str, int, str | None]:
     """The opening sentence, the starting value, and its equation when the opening is itself an operation."""
     if rng.random() < 0.35:
-        bags, each = rng.randint(2, 5), rng.randint(2, 9)
+        bags, each = rng.randint(2, 4), rng.randint(2, 5)
         return f"{name} has {bags} bags with {each} {_plural(obj)} each.", bags * each, f"{bags}*{each}={bags * each}"
-    value = rng.randint(3, 20)
+    value = rng.randint(3, 12)
     return f"{name} has {value} {_plural(obj)}.", value, None
 
 
@@ -64,7 +64,7 @@ def _operation(rng: random.Random, value: int) -> tuple[str, int] | None:
         choices.append("+")
     if value >= 2:
         choices.append("-")
-    if 2 * value <= MAX_VALUE and value <= 12:
+    if 2 * value <= MAX_VALUE:
         choices.append("*")
     if not choices:
         return None
@@ -73,12 +73,12 @@ def _operation(rng: random.Random, value: int) -> tuple[str, int] | None:
         return op, rng.randint(min(2, MAX_VALUE - value), min(MAX_OPERAND, MAX_VALUE - value))
     if op == "-":
         return op, rng.randint(min(2, value - 1), min(MAX_OPERAND, value - 1))
-    return op, rng.randint(2, min(5, MAX_VALUE // value))
+    return op, rng.randint(2, min(4, MAX_VALUE // value))
 
 
-def _distractor(rng: random.Random, name: str, obj: str) -> str:
-    """A sentence with a number that the solution must not use."""
-    kind = rng.randrange(3)
+def _distractor(rng: random.Random, name: str, obj: str, kind: int) -> str:
+    """A sentence with a number that the solution must not use (`kind` 0: another person's objects, 1: another
+    kind of object, 2: an age)."""
     n = rng.randint(2, 20)
     if kind == 0:  # of the other gender, so that the next "He"/"She" still means `name`
         pron = dict(_PEOPLE)[name]
@@ -110,8 +110,8 @@ def generate_problem(rng: random.Random) -> Problem:
         result = _apply(op, value, n)
         steps.append(f"{value}{op}{n}={result}")
         value = result
-    for _ in range(rng.randint(1, 2)):  # after the opening, anywhere before the question
-        sentences.insert(rng.randint(1, len(sentences)), _distractor(rng, name, obj))
+    for kind in rng.sample(range(3), rng.randint(1, 2)):  # after the opening, anywhere before the question
+        sentences.insert(rng.randint(1, len(sentences)), _distractor(rng, name, obj, kind))
     question = " ".join(sentences) + f" How many {_plural(obj)} does {name} have now?"
     solution = " ".join(s + "." for s in steps) + f" The answer is {value}."
     return Problem(question=question, answer=str(value), solution=solution)

@@ -74,36 +74,61 @@ class PretrainSettings:
     # (never all of them), so the model also works with layers skipped, as the nested behavior policy runs it.
     # 0 = never: a base that never saw a layer skipped, like a real pretrained checkpoint.
     layer_drop: float = 0.3
-    # Value ranges: those of the builtin tasks (lowres_reft.reasoning: values up to 60, "+"/"-" operands up to
-    # 15, multipliers up to 5; builtin:arithmetic: sums of numbers up to 20), so that two minutes of training
-    # learn the facts the tasks need. Sums and differences: results and minuends <= max_value, the other
+    # Value ranges: those of the builtin reasoning task (lowres_reft.reasoning: values up to 20), so that two
+    # minutes of training learn the facts the task needs (at values up to 40 they do not: ~15% of bare
+    # equations right after 1200 steps). Sums and differences: results and minuends <= max_value, the other
     # operand <= max_operand; products: a factor <= max_factor times a multiplier <= max_multiplier (either
     # order), at most max_value.
-    max_value: int = 60
+    # Single equations: those of builtin:arithmetic (sums and differences of numbers up to 20, products of 1..5 by
+    # 1..10), so a minute of training learns the facts the tasks need.
+    max_add: int = 20
+    max_mul_a: int = 5
+    max_mul_b: int = 10
+    # Chains (the reasoning corpus only): values up to those of lowres_reft.reasoning (20). Sums and differences:
+    # results and minuends <= max_value, the other operand <= max_operand; products: a factor <= max_factor times
+    # a multiplier <= max_multiplier, at most max_value. (At values up to 40 a 6 x 64 base gets only ~15% of bare
+    # equations right after 1200 steps; at 20, ~90%.)
+    max_value: int = 20
     max_operand: int = 20
-    max_factor: int = 12
+    max_factor: int = 10
     max_multiplier: int = 5
     # What follows each piece of text: the end-of-text token (each piece is a document of its own, so the model
     # learns to end a text after its result, as the task's completions do).
     separator: str = EOS
 
 
-def pretrain_settings(steps: int, layer_drop: float = 0.3) -> PretrainSettings:
+CORPORA = ("arithmetic", "reasoning")
+
+
+def pretrain_settings(steps: int, layer_drop: float = 0.3, corpus: str = "arithmetic") -> PretrainSettings:
     """The builtin recipe for `steps` steps in all: 7/12 of them in phase 1, the rest in phase 2.
 
-    Phase 1 (short rows of 64 characters, 32 per batch): bare equations, bare chains and phrases, loss on every
-    token (the model learns the arithmetic facts, to carry a result into the next equation and to copy numbers
-    within a line; without the short, dense rows first it does not learn the arithmetic in the same time).
-    Phase 2 (rows of 128, 16 per batch): half of the pieces are scenes or chains after prose, loss on the
-    equations only (the prose is random words: predicting it would only waste capacity), so the model learns
-    to find the numbers in a paragraph across a line break, in order, and to do arithmetic after prose.
+    corpus "arithmetic" (the 4-layer arithmetic demo's base; no chains): phase 1 (short rows of 64 characters,
+    32 per batch): bare equations and phrases, loss on every token (the model learns the arithmetic facts and to
+    copy numbers within a line; without the short, dense rows first it does not learn the arithmetic in the same
+    time). Phase 2 (rows of 128, 16 per batch): half of the pieces are scenes, loss on the equations only (the
+    prose is random words: predicting it would only waste capacity), so the model learns to find the numbers in
+    a paragraph across a line break and to do arithmetic after prose.
+
+    corpus "reasoning" (for builtin:reasoning): the same, plus chains of 2-4 carried equations ("7+5=12. 12-3=9.")
+    in both phases, after prose holding their operands in order in phase 2 (rows of 160, 12 per batch, so that
+    a chain after its prose fits in a row).
     """
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     first = round(steps * 7 / 12)
+    if corpus == "arithmetic":
+        return PretrainSettings(layer_drop=layer_drop, phases=(
+            PretrainPhase(steps=first, batch_size=32, seq_len=64, lr=5e-3, warmup=30, eq_fraction=0.5,
+                          scene_fraction=0.0, context_loss_weight=1.0, restate_fraction=0.3),
+            PretrainPhase(steps=steps - first, batch_size=16, seq_len=128, lr=3e-3, warmup=10, eq_fraction=0.4,
+                          scene_fraction=0.5, context_loss_weight=0.0, restate_fraction=0.0),
+        ))
     return PretrainSettings(layer_drop=layer_drop, phases=(
         PretrainPhase(steps=first, batch_size=32, seq_len=64, lr=5e-3, warmup=30, eq_fraction=0.4, scene_fraction=0.0,
                       context_loss_weight=1.0, restate_fraction=0.3, chain_fraction=0.3),
-        PretrainPhase(steps=steps - first, batch_size=16, seq_len=128, lr=3e-3, warmup=10, eq_fraction=0.2,
-                      scene_fraction=0.3, context_loss_weight=0.0, restate_fraction=0.0, chain_fraction=0.4),
+        PretrainPhase(steps=steps - first, batch_size=12, seq_len=160, lr=3e-3, warmup=10, eq_fraction=0.2,
+                      scene_fraction=0.4, context_loss_weight=0.0, restate_fraction=0.0, chain_fraction=0.6),
     ))
 
 
@@ -192,8 +217,22 @@ def _scene(rng: random.Random, a: int, b: int, op: str, eq: str) -> str:
     return f"{prose}\n{rng.choice(_LABELS[op])}: {eq}"
 
 
+def _single_operation(rng: random.Random, s: PretrainSettings) -> tuple[int, str, int, int]:
+    """A single equation's (a, op, b, c) in builtin:arithmetic's ranges."""
+    op = rng.choice("++--*")
+    if op == "+":
+        a, b = rng.randint(0, s.max_add), rng.randint(0, s.max_add)
+        return a, op, b, a + b
+    if op == "-":
+        a = rng.randint(0, s.max_add)
+        b = rng.randint(0, a)
+        return a, op, b, a - b
+    a, b = rng.randint(1, s.max_mul_a), rng.randint(1, s.max_mul_b)
+    return a, op, b, a * b
+
+
 def random_operation(rng: random.Random, s: PretrainSettings, a: int | None = None) -> tuple[int, str, int, int]:
-    """(a, op, b, c) with c = a op b within the settings' ranges; `a` given: an operation on that value (a chain's
+    """(a, op, b, c) with c = a op b within the settings' chain ranges; `a` given: an operation on that value (a chain's
     next step), whose op is one that keeps the result in range."""
     ops = "++--*"
     if a is not None:
@@ -237,16 +276,15 @@ def arithmetic_piece(rng: random.Random, s: PretrainSettings, phase: PretrainPha
     a phrase naming the operation, the last line of a scene, or a chain of equations (bare, or after prose that
     holds its operands in order, one per sentence); a single equation sometimes restates its result. The text is
     context + equations."""
-    kind = rng.random()
-    if kind < phase.chain_fraction:
+    if phase.chain_fraction > 0 and rng.random() < phase.chain_fraction:  # no extra draw without chains
         operands, chain = _chain(rng, s)
-        if phase.scene_fraction == 0.0 or rng.random() < 0.5:  # prose only in the phases that have scenes
+        if phase.scene_fraction == 0.0 or rng.random() < 0.2:  # prose only in the phases that have scenes
             return "", chain
         prose = " ".join(_sentence(rng, (n,), words=(2, 5)) for n in operands)
         return prose + "\n", chain
-    a, op, b, c = random_operation(rng, s)
+    a, op, b, c = _single_operation(rng, s)
     eq = f"{a}{op}{b}={c}"
-    kind = (kind - phase.chain_fraction) / (1.0 - phase.chain_fraction)
+    kind = rng.random()
     if kind < phase.eq_fraction:
         return "", eq
     if kind < phase.eq_fraction + phase.scene_fraction:
@@ -344,26 +382,27 @@ def pretrain_key(layers: int, hidden: int, seed: int, settings: PretrainSettings
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def tiny_dir_name(layers: int, hidden: int, pretrain_steps: int = 0, seed: int = 0, layer_drop: float = 0.3) -> str:
+def tiny_dir_name(layers: int, hidden: int, pretrain_steps: int = 0, seed: int = 0, layer_drop: float = 0.3,
+                  corpus: str = "arithmetic") -> str:
     """Cache directory name: `tiny-qwen2-L{layers}-H{hidden}`, plus `-pt{steps}-{hash}` when pretrained (the hash
-    covers the LayerDrop rate, with every other pretraining setting)."""
+    covers the LayerDrop rate and the corpus, with every other pretraining setting)."""
     name = f"tiny-qwen2-L{layers}-H{hidden}"
     if pretrain_steps > 0:
-        settings = pretrain_settings(pretrain_steps, layer_drop)
+        settings = pretrain_settings(pretrain_steps, layer_drop, corpus)
         name += f"-pt{pretrain_steps}-{pretrain_key(layers, hidden, seed, settings)}"
     return name
 
 
 def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int = 0, pretrain_steps: int = 0,
-                      log=print, layer_drop: float = 0.3) -> Path:
+                      log=print, layer_drop: float = 0.3, corpus: str = "arithmetic") -> Path:
     """Build (once) and return the directory of the tiny model + tokenizer. Safe against partial writes.
 
     `pretrain_steps > 0` pretrains the model on arithmetic text first, with LayerDrop rate `layer_drop` (see
-    the module docstring); `layer_drop` is ignored without pretraining.
+    the module docstring) and corpus `corpus` (`pretrain_settings`); both are ignored without pretraining.
     """
     from transformers import Qwen2ForCausalLM
 
-    target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed, layer_drop)
+    target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed, layer_drop, corpus)
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     tokenizer = build_tokenizer()
@@ -374,9 +413,9 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
         if pretrain_steps > 0:
             if log is not None:
                 log(f"building the tiny model: pretraining {layers} layers x {hidden} on arithmetic text "
-                    f"({pretrain_steps} steps, LayerDrop {layer_drop:g}, cached in {target})")
+                    f"({pretrain_steps} steps, {corpus} corpus, LayerDrop {layer_drop:g}, cached in {target})")
             with torch.enable_grad():
-                pretrain(model, tokenizer, pretrain_settings(pretrain_steps, layer_drop), seed, log)
+                pretrain(model, tokenizer, pretrain_settings(pretrain_steps, layer_drop, corpus), seed, log)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -130,3 +130,21 @@ def test_greedy_eval_honours_require_final_answer(monkeypatch):
     ctx = SimpleNamespace(rank=0, world=1, is_main=False, enabled=False)
     Evaluator(policy, recipe, problems, [[5], [5]], [1], None, [], None, ctx)(0, "x", print)
     assert seen.get("require_final") is True
+
+
+def test_reasoning_recipe_loads_and_runs_two_steps_with_layerdrop_zero(tmp_path):
+    """The reasoning recipe end to end on a random-init base (tiny sizes), also with tiny_layerdrop = 0."""
+    import json
+    from pathlib import Path
+
+    from lowres_reft.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    sets = ["model.tiny_pretrain_steps=0", "model.tiny_layerdrop=0", "model.tiny_layers=6", "warmup.steps=1",
+            "train.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
+            "eval.max_new_tokens=8", "data.max_eval_samples=2", "data.builtin_train_size=16",
+            "data.builtin_test_size=4", "lora.r=2", f"log.output_dir={tmp_path}", "log.run_name=r", "log.progress=none"]
+    assert main(["run", str(root / "recipes" / "tiny-reasoning.toml"), *[a for s in sets for a in ("--set", s)]]) == 0
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "rl"] == [1, 2]
+    assert all(len(r["skip_set"]) == 2 for r in records if r["stage"] == "rl")  # r = 0.25 of 6 layers

@@ -42,18 +42,23 @@ def test_saved_tokenizer_round_trips_spaces_and_newlines_whichever_class_loads_i
         assert loaded.convert_tokens_to_ids(EOS) == 1 and loaded.pad_token_id == 0
 
 
-def _check_equation(eq: str, settings) -> tuple[int, str, int, int]:
+def _check_equation(eq: str, settings, chain: bool) -> tuple[int, str, int, int]:
     a, op, b, c = (int(x) if x.isdigit() else x for x in _EQ.fullmatch(eq).groups())
-    assert c == {"+": a + b, "-": a - b, "*": a * b}[op] and 0 <= c <= settings.max_value
-    if op == "*":
-        assert sorted((a, b))[0] <= settings.max_multiplier and max(a, b) <= settings.max_factor
+    assert c == {"+": a + b, "-": a - b, "*": a * b}[op] and c >= 0
+    if chain:
+        assert c <= settings.max_value
+        if op == "*":
+            assert min(a, b) <= settings.max_multiplier and max(a, b) <= settings.max_factor
+        else:
+            assert b <= settings.max_operand and a <= settings.max_value
     else:
-        assert b <= settings.max_operand and a <= settings.max_value
+        assert max(a, b) <= (settings.max_add if op != "*" else settings.max_mul_b)
     return a, op, b, c
 
 
-def test_pieces_hold_true_equations_and_carried_chains_within_the_ranges():
-    settings = pretrain_settings(12)
+@pytest.mark.parametrize("corpus", ["arithmetic", "reasoning"])
+def test_pieces_hold_true_equations_and_carried_chains_within_the_ranges(corpus):
+    settings = pretrain_settings(12, corpus=corpus)
     rng = random.Random(0)
     kinds = set()
     for phase in settings.phases:
@@ -66,16 +71,17 @@ def test_pieces_hold_true_equations_and_carried_chains_within_the_ranges():
                 for prev, eq in zip(eqs, eqs[1:]):
                     assert eq[0] == prev[3]
                 for a, op, b, c in eqs:
-                    _check_equation(f"{a}{op}{b}={c}", settings)
+                    _check_equation(f"{a}{op}{b}={c}", settings, chain=True)
                 if context:  # the prose holds the operands in order, one per sentence
                     operands = [eqs[0][0]] + [eq[2] for eq in eqs]
                     assert re.findall(r"\d+", context) == operands and context.endswith("\n")
                 continue
-            a, _, b, _ = _check_equation(_EQ.match(text).group(0), settings)
+            a, _, b, _ = _check_equation(_EQ.match(text).group(0), settings, chain=False)
             kinds.add("bare" if not context else "scene" if "\n" in context else "phrase")
             if context:  # the context names both operands before the equation uses them
                 assert str(a) in context and str(b) in context
-    assert kinds == {"bare", "scene", "phrase", "chain", "prose chain"}
+    chains = {"chain", "prose chain"} if corpus == "reasoning" else set()  # the arithmetic demo's corpus has none
+    assert kinds == {"bare", "scene", "phrase"} | chains
 
 
 def test_batch_weights_equations_and_separators_and_rows_start_at_a_piece():
@@ -156,6 +162,7 @@ def test_cache_dir_names_the_pretraining_and_a_built_model_is_reused(tmp_path):
     assert tiny_dir_name(4, 64, 100, seed=1) != a
     # the LayerDrop rate is part of the key: a base pretrained without it is another model
     assert tiny_dir_name(4, 64, 100, layer_drop=0.0) != a and tiny_dir_name(4, 64, 100, layer_drop=0.3) == a
+    assert tiny_dir_name(4, 64, 100, corpus="reasoning") != a
     assert tiny_dir_name(4, 64, layer_drop=0.0) == "tiny-qwen2-L4-H64"  # no pretraining: nothing to drop
     lines: list[str] = []
     path = ensure_tiny_model(tmp_path, 2, 32, pretrain_steps=3, log=lines.append)
