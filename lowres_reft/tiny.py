@@ -15,8 +15,10 @@ trained in full precision for `pretrain_steps` AdamW steps as a character-level 
 arithmetic text that is *not* the word-problem format of `lowres_reft.data` (`pretrain_settings`): bare
 equations ("7+5=12"), phrases that state an operation in other words and then write it as an equation ("the sum
 of 7 and 5 is 7+5=12"), and "scenes" (a sentence or two of random-word prose holding two numbers, then a line
-"add: 7+5=12"), each piece followed by end-of-text. With LayerDrop (a random middle layer skipped in some steps,
-through the behavior policy's own `skip_layers`), so the model still works as a nested model. So the base can
+"add: 7+5=12"), each piece followed by end-of-text; the "reasoning" corpus (`[model] tiny_corpus`) adds chains
+of carried equations ("7+5=12. 12-3=9."), bare or after prose holding their operands. With LayerDrop (each middle
+layer skipped with probability `[model] tiny_layerdrop` in each step, through the behavior policy's own
+`skip_layers`; 0 = never, like a real checkpoint), so the model still works as a nested model. So the base can
 copy numbers out of text and do the arithmetic, but has never seen "Question: ... Answer:" or the word problems'
 vocabulary ("gets 3 more", "gives away", "bags with ... each"): the supervised warm-up (LoRA) teaches that
 format and RL improves on it. Pretraining is seeded and deterministic (fixed data stream, fixed init, fixed step
