@@ -52,11 +52,18 @@ class ModelConfig:
     tiny_hidden: int = 128
     # Pretraining steps of the builtin tiny model on generated arithmetic text (0 = random init); see tiny.py.
     tiny_pretrain_steps: int = 0
+    # LayerDrop rate of that pretraining: each middle layer is skipped with this probability in each step, so the
+    # base tolerates the nested rollouts' skipped layers; 0 = never (like a real checkpoint). Part of the cache key.
+    tiny_layerdrop: float = 0.3
+    # Text of that pretraining: "arithmetic" (equations, phrases, scenes) or "reasoning" (also chains of carried
+    # equations, for builtin:reasoning); see tiny.pretrain_settings. Part of the cache key.
+    tiny_corpus: Literal["arithmetic", "reasoning"] = "arithmetic"
 
     def validate(self) -> None:
         _require(self.tiny_layers >= 2, "tiny_layers", "must be >= 2")
         _require(self.tiny_hidden >= 32 and self.tiny_hidden % 32 == 0, "tiny_hidden", "must be a multiple of 32")
         _require(self.tiny_pretrain_steps >= 0, "tiny_pretrain_steps", "must be >= 0")
+        _require(0.0 <= self.tiny_layerdrop < 1.0, "tiny_layerdrop", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "builtin:arithmetic" (generated locally), "gsm8k", "svamp", "math12k", "math500", "jsonl", "parquet", "csv".
+    # "builtin:arithmetic", "builtin:reasoning" (generated locally), "gsm8k", "svamp", "math12k", "math500", "jsonl", "parquet", "csv".
     name: str = "gsm8k"
     # Local file or directory; when set it is loaded instead of the hub dataset.
     path: str | None = None
@@ -108,7 +115,7 @@ class DataConfig:
     # Handed to the chat template as `enable_thinking` when set (Qwen3: false = answer without a <think> block).
     enable_thinking: bool | None = None
     max_prompt_tokens: int = 512
-    # Size of the generated data sets (train, test): builtin:arithmetic and reasoning_gym:<task>.
+    # Size of the generated data sets (train, test): builtin:arithmetic, builtin:reasoning and reasoning_gym:<task>.
     builtin_train_size: int = 2000
     builtin_test_size: int = 200
     # Options of a reasoning_gym:<task> generator, e.g. { min_terms = 2, max_terms = 3 } (see reasoning_gym_data.py).

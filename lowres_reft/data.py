@@ -8,6 +8,8 @@
   construction: every question text is assigned to one split by a stable hash of the text, so no question can
   ever appear in both, whatever the sizes and seeds. ``train_split`` / ``eval_split`` are ignored and the
   builtin problems are not re-shuffled (they are already random), only truncated to ``max_*_samples``.
+- ``builtin:reasoning``: multi-step word problems (2-4 operations, distractors) with step-by-step reference
+  chains ending in "The answer is N." (`lowres_reft.reasoning`); splits and sizes as for ``builtin:arithmetic``.
 - ``gsm8k`` (hub ``openai/gsm8k``, config ``main``): the gold answer is the text after ``####`` (commas
   removed); the solution is the worked answer without the ``<<...>>`` calculator annotations, its final
   ``#### N`` line rewritten as ``The answer is N.``.
@@ -61,6 +63,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
+# Multi-step word problems with step-by-step reference chains (lowres_reft/reasoning.py).
+BUILTIN_REASONING = "builtin:reasoning"
 # Seed of the builtin held-out (eval) set: fixed, so every run evaluates on the same problems.
 BUILTIN_EVAL_SEED = 1234
 # One question in _EVAL_POOL_MOD goes to the held-out pool (chosen by a stable hash of its text).
@@ -310,7 +314,9 @@ _SCHEMAS: dict[str, _Schema] = {
 }
 _ALIASES = {s.hub_id.lower(): name for name, s in _SCHEMAS.items() if s.hub_id}
 
-KNOWN_DATASETS: tuple[str, ...] = (BUILTIN_ARITHMETIC, *_SCHEMAS, "reasoning_gym:<task>")
+KNOWN_DATASETS: tuple[str, ...] = (BUILTIN_ARITHMETIC, BUILTIN_REASONING, *_SCHEMAS, "reasoning_gym:<task>")
+# Generated locally; their eval split is a fixed held-out set of `builtin_test_size` problems.
+BUILTIN_DATASETS = (BUILTIN_ARITHMETIC, BUILTIN_REASONING)
 
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SHARD = re.compile(r"(?P<split>.+?)-\d+-of-\d+(?:-[0-9a-f]+)?")
@@ -335,6 +341,14 @@ def load_problems(cfg: DataConfig, split: Literal["train", "eval"]) -> list[Prob
             problems = builtin_arithmetic(cfg.builtin_train_size, seed=cfg.shuffle_seed)
         else:
             problems = builtin_arithmetic_eval(cfg.builtin_test_size)
+        return problems[:limit] if limit is not None else problems
+    if name == BUILTIN_REASONING:
+        from lowres_reft import reasoning
+
+        if split == "train":
+            problems = reasoning.builtin_reasoning(cfg.builtin_train_size, seed=cfg.shuffle_seed)
+        else:
+            problems = reasoning.builtin_reasoning_eval(cfg.builtin_test_size)
         return problems[:limit] if limit is not None else problems
     if name.startswith("reasoning_gym:"):
         from lowres_reft.reasoning_gym_data import load_reasoning_gym

@@ -222,7 +222,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "with --k samples completions and reports pass@k. Writes per-problem predictions as JSONL.",
     )
     p.add_argument("target", help="runs/<run>/checkpoint-NNNNNN, runs/<run>, a model dir, a hub name, or builtin:tiny")
-    p.add_argument("--data", help="dataset: gsm8k, svamp, math12k, math500, builtin:arithmetic, jsonl, parquet, csv "
+    p.add_argument("--data", help="dataset: gsm8k, svamp, math12k, math500, builtin:arithmetic, builtin:reasoning, jsonl, parquet, csv "
                                   "(default: a checkpoint's recipe [data], else gsm8k)")
     p.add_argument("--data-path", help="local copy of the dataset (file or directory); required for jsonl/parquet/csv")
     p.add_argument("--split", help="split to evaluate (default: a checkpoint's eval_split, else test)")
@@ -294,6 +294,7 @@ def _settings(args: argparse.Namespace, recipe) -> Settings:
 
 def _data_config(args: argparse.Namespace, recipe):
     from lowres_reft.config import DataConfig
+    from lowres_reft.data import BUILTIN_DATASETS
 
     base = recipe.data if recipe is not None else DataConfig(name=DEFAULT_DATA, path=None, max_eval_samples=None)
     changes: dict[str, Any] = {"max_eval_samples": args.n}
@@ -311,7 +312,7 @@ def _data_config(args: argparse.Namespace, recipe):
     if args.chat_template is not None:
         changes["use_chat_template"] = args.chat_template
     cfg = dataclasses.replace(base, **changes)
-    if cfg.name.strip() == "builtin:arithmetic" and args.n is not None:
+    if cfg.name.strip() in BUILTIN_DATASETS and args.n is not None:
         cfg = dataclasses.replace(cfg, builtin_test_size=max(args.n, cfg.builtin_test_size))
     return cfg
 
@@ -434,7 +435,9 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_target(args.target, args.cache_dir)
     settings = _settings(args, target.recipe)
     data_cfg = _data_config(args, target.recipe)
-    split_label = "held-out" if data_cfg.name.strip() == "builtin:arithmetic" else data_cfg.eval_split
+    from lowres_reft.data import BUILTIN_DATASETS
+
+    split_label = "held-out" if data_cfg.name.strip() in BUILTIN_DATASETS else data_cfg.eval_split
     out = Path(args.out) if args.out else default_out(target, data_cfg.name, data_cfg.eval_split, settings, args.n)
     _check_out(out)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowres_reft.rewards import math_correct
+from lowres_reft.rewards import math_correct, math_correct_final
 from lowres_reft.rollout import sample
 
 
@@ -33,14 +33,18 @@ def evaluate(
     eos_ids: list[int],
     max_new_tokens: int,
     batch_size: int,
+    require_final: bool = False,
 ) -> EvalResult:
+    """`require_final`: credit only an explicitly stated final answer, as `[reward] require_final_answer` does for
+    the rewards (else a step-by-step chain cut off mid-way would count whenever an intermediate result is right)."""
+    correct_fn = math_correct_final if require_final else math_correct
     predictions = []
     for lo in range(0, len(prompts), batch_size):
         batch = sample(model, prompts[lo : lo + batch_size], max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                        pad_id=tokenizer.pad_token_id, greedy=True)
         texts = decode_completions(tokenizer, batch.completion_ids, batch.completion_mask)
         for problem, text in zip(problems[lo : lo + batch_size], texts):
-            correct = math_correct(text, problem.answer) == 1.0
+            correct = correct_fn(text, problem.answer) == 1.0
             predictions.append({"question": problem.question, "gold": problem.answer, "completion": text, "correct": correct})
     n = len(predictions)
     accuracy = sum(p["correct"] for p in predictions) / max(n, 1)

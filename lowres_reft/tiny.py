@@ -15,8 +15,10 @@ trained in full precision for `pretrain_steps` AdamW steps as a character-level 
 arithmetic text that is *not* the word-problem format of `lowres_reft.data` (`pretrain_settings`): bare
 equations ("7+5=12"), phrases that state an operation in other words and then write it as an equation ("the sum
 of 7 and 5 is 7+5=12"), and "scenes" (a sentence or two of random-word prose holding two numbers, then a line
-"add: 7+5=12"), each piece followed by end-of-text. With LayerDrop (a random middle layer skipped in some steps,
-through the behavior policy's own `skip_layers`), so the model still works as a nested model. So the base can
+"add: 7+5=12"), each piece followed by end-of-text; the "reasoning" corpus (`[model] tiny_corpus`) adds chains
+of carried equations ("7+5=12. 12-3=9."), bare or after prose holding their operands. With LayerDrop (each middle
+layer skipped with probability `[model] tiny_layerdrop` in each step, through the behavior policy's own
+`skip_layers`; 0 = never, like a real checkpoint), so the model still works as a nested model. So the base can
 copy numbers out of text and do the arithmetic, but has never seen "Question: ... Answer:" or the word problems'
 vocabulary ("gets 3 more", "gives away", "bags with ... each"): the supervised warm-up (LoRA) teaches that
 format and RL improves on it. Pretraining is seeded and deterministic (fixed data stream, fixed init, fixed step
@@ -41,7 +43,7 @@ PAD, EOS = "<pad>", "<|endoftext|>"
 # The tokenizer's characters, one token each (ids 2..97 in this order): printable ASCII and the newline.
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 # Bump when the corpus generator or the training loop changes (the cache key includes it).
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,16 @@ class PretrainPhase:
     seq_len: int
     lr: float
     warmup: int
-    # Mix of the pieces of text: bare equations, scenes (prose, then the equation on the next line), and phrases
-    # (the rest: "the sum of 7 and 5 is 7+5=12").
+    # Mix of the pieces of text: bare equations, scenes (prose, then the equation on the next line), chains
+    # (2-4 equations, each starting from the previous result, bare or after prose holding their operands), and
+    # phrases (the rest: "the sum of 7 and 5 is 7+5=12").
     eq_fraction: float
     scene_fraction: float
     # Loss weight of the context tokens (phrases, prose) relative to the equations (which always have weight 1).
     context_loss_weight: float = 1.0
     # Fraction of phrases and scenes whose equation is followed by the restated result ("7+5=12, that is 12.").
     restate_fraction: float = 0.0
+    chain_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,32 +74,63 @@ class PretrainSettings:
     phases: tuple[PretrainPhase, ...]
     # LayerDrop: in each step every middle layer (not the first or the last) is skipped with this probability
     # (never all of them), so the model also works with layers skipped, as the nested behavior policy runs it.
+    # 0 = never: a base that never saw a layer skipped, like a real pretrained checkpoint.
     layer_drop: float = 0.3
-    # Operand ranges: those of the builtin word problems (sums and differences of numbers up to 20, products of
-    # 1..5 by 1..10), so a minute of training learns the facts the task needs.
+    # Value ranges: those of the builtin reasoning task (lowres_reft.reasoning: values up to 20), so that two
+    # minutes of training learn the facts the task needs (at values up to 40 they do not: ~15% of bare
+    # equations right after 1200 steps). Sums and differences: results and minuends <= max_value, the other
+    # operand <= max_operand; products: a factor <= max_factor times a multiplier <= max_multiplier (either
+    # order), at most max_value.
+    # Single equations: those of builtin:arithmetic (sums and differences of numbers up to 20, products of 1..5 by
+    # 1..10), so a minute of training learns the facts the tasks need.
     max_add: int = 20
     max_mul_a: int = 5
     max_mul_b: int = 10
+    # Chains (the reasoning corpus only): values up to those of lowres_reft.reasoning (20). Sums and differences:
+    # results and minuends <= max_value, the other operand <= max_operand; products: a factor <= max_factor times
+    # a multiplier <= max_multiplier, at most max_value. (At values up to 40 a 6 x 64 base gets only ~15% of bare
+    # equations right after 1200 steps; at 20, ~90%.)
+    max_value: int = 20
+    max_operand: int = 20
+    max_factor: int = 10
+    max_multiplier: int = 5
     # What follows each piece of text: the end-of-text token (each piece is a document of its own, so the model
     # learns to end a text after its result, as the task's completions do).
     separator: str = EOS
 
 
-def pretrain_settings(steps: int) -> PretrainSettings:
+CORPORA = ("arithmetic", "reasoning")
+
+
+def pretrain_settings(steps: int, layer_drop: float = 0.3, corpus: str = "arithmetic") -> PretrainSettings:
     """The builtin recipe for `steps` steps in all: 7/12 of them in phase 1, the rest in phase 2.
 
-    Phase 1 (short rows of 64 characters, 32 per batch): bare equations and phrases, loss on every token (the
-    model learns the arithmetic facts and to copy numbers within a line; without the short, dense rows first it
-    does not learn the arithmetic in the same time). Phase 2 (rows of 128, 16 per batch): half of the pieces are
-    scenes, loss on the equations only (the prose is random words: predicting it would only waste capacity), so
-    the model learns to find the numbers in a paragraph across a line break and to do arithmetic after prose.
+    corpus "arithmetic" (the 4-layer arithmetic demo's base; no chains): phase 1 (short rows of 64 characters,
+    32 per batch): bare equations and phrases, loss on every token (the model learns the arithmetic facts and to
+    copy numbers within a line; without the short, dense rows first it does not learn the arithmetic in the same
+    time). Phase 2 (rows of 128, 16 per batch): half of the pieces are scenes, loss on the equations only (the
+    prose is random words: predicting it would only waste capacity), so the model learns to find the numbers in
+    a paragraph across a line break and to do arithmetic after prose.
+
+    corpus "reasoning" (for builtin:reasoning): the same, plus chains of 2-4 carried equations ("7+5=12. 12-3=9.")
+    in both phases, after prose holding their operands in order in phase 2 (rows of 160, 12 per batch, so that
+    a chain after its prose fits in a row).
     """
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     first = round(steps * 7 / 12)
-    return PretrainSettings(phases=(
-        PretrainPhase(steps=first, batch_size=32, seq_len=64, lr=5e-3, warmup=30, eq_fraction=0.5, scene_fraction=0.0,
-                      context_loss_weight=1.0, restate_fraction=0.3),
-        PretrainPhase(steps=steps - first, batch_size=16, seq_len=128, lr=3e-3, warmup=10, eq_fraction=0.4,
-                      scene_fraction=0.5, context_loss_weight=0.0, restate_fraction=0.0),
+    if corpus == "arithmetic":
+        return PretrainSettings(layer_drop=layer_drop, phases=(
+            PretrainPhase(steps=first, batch_size=32, seq_len=64, lr=5e-3, warmup=30, eq_fraction=0.5,
+                          scene_fraction=0.0, context_loss_weight=1.0, restate_fraction=0.3),
+            PretrainPhase(steps=steps - first, batch_size=16, seq_len=128, lr=3e-3, warmup=10, eq_fraction=0.4,
+                          scene_fraction=0.5, context_loss_weight=0.0, restate_fraction=0.0),
+        ))
+    return PretrainSettings(layer_drop=layer_drop, phases=(
+        PretrainPhase(steps=first, batch_size=32, seq_len=64, lr=5e-3, warmup=30, eq_fraction=0.4, scene_fraction=0.0,
+                      context_loss_weight=1.0, restate_fraction=0.3, chain_fraction=0.3),
+        PretrainPhase(steps=steps - first, batch_size=12, seq_len=160, lr=3e-3, warmup=10, eq_fraction=0.2,
+                      scene_fraction=0.4, context_loss_weight=0.0, restate_fraction=0.0, chain_fraction=0.6),
     ))
 
 
@@ -166,8 +201,8 @@ _LABELS = {"+": ("add", "sum", "total"), "-": ("subtract", "difference", "minus"
            "*": ("multiply", "product", "times")}
 
 
-def _sentence(rng: random.Random, numbers: tuple[int, ...] = ()) -> str:
-    words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 10))]
+def _sentence(rng: random.Random, numbers: tuple[int, ...] = (), words: tuple[int, int] = (4, 10)) -> str:
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(*words))]
     slots = sorted(rng.sample(range(1, len(words) + 1), len(numbers)))
     for offset, (slot, number) in enumerate(zip(slots, numbers)):
         words.insert(slot + offset, str(number))
@@ -184,21 +219,72 @@ def _scene(rng: random.Random, a: int, b: int, op: str, eq: str) -> str:
     return f"{prose}\n{rng.choice(_LABELS[op])}: {eq}"
 
 
-def arithmetic_piece(rng: random.Random, s: PretrainSettings, phase: PretrainPhase) -> tuple[str, str]:
-    """One piece of pretraining text as (context, equation): a bare equation (empty context), an equation after a
-    phrase naming the operation, or the last line of a scene; the equation sometimes restates its result. The
-    text is context + equation."""
+def _single_operation(rng: random.Random, s: PretrainSettings) -> tuple[int, str, int, int]:
+    """A single equation's (a, op, b, c) in builtin:arithmetic's ranges."""
     op = rng.choice("++--*")
     if op == "+":
         a, b = rng.randint(0, s.max_add), rng.randint(0, s.max_add)
-        c = a + b
-    elif op == "-":
+        return a, op, b, a + b
+    if op == "-":
         a = rng.randint(0, s.max_add)
         b = rng.randint(0, a)
-        c = a - b
-    else:
-        a, b = rng.randint(1, s.max_mul_a), rng.randint(1, s.max_mul_b)
-        c = a * b
+        return a, op, b, a - b
+    a, b = rng.randint(1, s.max_mul_a), rng.randint(1, s.max_mul_b)
+    return a, op, b, a * b
+
+
+def random_operation(rng: random.Random, s: PretrainSettings, a: int | None = None) -> tuple[int, str, int, int]:
+    """(a, op, b, c) with c = a op b within the settings' chain ranges; `a` given: an operation on that value (a chain's
+    next step), whose op is one that keeps the result in range."""
+    ops = "++--*"
+    if a is not None:
+        ops = "".join(op for op in ops if (op != "*" or 2 * a <= s.max_value and a <= s.max_factor)
+                      and (op != "+" or a < s.max_value) and (op != "-" or a > 0))
+    op = rng.choice(ops)
+    if op == "+":
+        b = rng.randint(0, min(s.max_operand, s.max_value - (a or 0)))
+        a = rng.randint(0, s.max_value - b) if a is None else a
+        return a, op, b, a + b
+    if op == "-":
+        if a is None:
+            b = rng.randint(0, s.max_operand)
+            a = rng.randint(b, s.max_value)
+        else:
+            b = rng.randint(0, min(s.max_operand, a))
+        return a, op, b, a - b
+    if a is not None:
+        b = rng.randint(1, min(s.max_multiplier, s.max_value // max(1, a)))
+        return a, op, b, a * b
+    a, b = rng.randint(1, s.max_factor), rng.randint(1, s.max_multiplier)
+    while a * b > s.max_value:
+        a, b = rng.randint(1, s.max_factor), rng.randint(1, s.max_multiplier)
+    return (a, op, b, a * b) if rng.random() < 0.5 else (b, op, a, a * b)
+
+
+def _chain(rng: random.Random, s: PretrainSettings) -> tuple[list[int], str]:
+    """2-4 equations, each starting from the previous result: the operands in order (the first equation's two,
+    then one per equation) and the text "7+5=12. 12-3=9. 9*2=18."."""
+    a, op, b, c = random_operation(rng, s)
+    operands, eqs = [a, b], [f"{a}{op}{b}={c}"]
+    for _ in range(rng.randint(1, 3)):
+        a, op, b, c = random_operation(rng, s, c)
+        operands.append(b)
+        eqs.append(f"{a}{op}{b}={c}")
+    return operands, " ".join(eq + "." for eq in eqs)
+
+
+def arithmetic_piece(rng: random.Random, s: PretrainSettings, phase: PretrainPhase) -> tuple[str, str]:
+    """One piece of pretraining text as (context, equations): a bare equation (empty context), an equation after
+    a phrase naming the operation, the last line of a scene, or a chain of equations (bare, or after prose that
+    holds its operands in order, one per sentence); a single equation sometimes restates its result. The text is
+    context + equations."""
+    if phase.chain_fraction > 0 and rng.random() < phase.chain_fraction:  # no extra draw without chains
+        operands, chain = _chain(rng, s)
+        if phase.scene_fraction == 0.0 or rng.random() < 0.2:  # prose only in the phases that have scenes
+            return "", chain
+        prose = " ".join(_sentence(rng, (n,), words=(2, 5)) for n in operands)
+        return prose + "\n", chain
+    a, op, b, c = _single_operation(rng, s)
     eq = f"{a}{op}{b}={c}"
     kind = rng.random()
     if kind < phase.eq_fraction:
@@ -298,23 +384,27 @@ def pretrain_key(layers: int, hidden: int, seed: int, settings: PretrainSettings
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def tiny_dir_name(layers: int, hidden: int, pretrain_steps: int = 0, seed: int = 0) -> str:
-    """Cache directory name: `tiny-qwen2-L{layers}-H{hidden}`, plus `-pt{steps}-{hash}` when pretrained."""
+def tiny_dir_name(layers: int, hidden: int, pretrain_steps: int = 0, seed: int = 0, layer_drop: float = 0.3,
+                  corpus: str = "arithmetic") -> str:
+    """Cache directory name: `tiny-qwen2-L{layers}-H{hidden}`, plus `-pt{steps}-{hash}` when pretrained (the hash
+    covers the LayerDrop rate and the corpus, with every other pretraining setting)."""
     name = f"tiny-qwen2-L{layers}-H{hidden}"
     if pretrain_steps > 0:
-        name += f"-pt{pretrain_steps}-{pretrain_key(layers, hidden, seed, pretrain_settings(pretrain_steps))}"
+        settings = pretrain_settings(pretrain_steps, layer_drop, corpus)
+        name += f"-pt{pretrain_steps}-{pretrain_key(layers, hidden, seed, settings)}"
     return name
 
 
 def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int = 0, pretrain_steps: int = 0,
-                      log=print) -> Path:
+                      log=print, layer_drop: float = 0.3, corpus: str = "arithmetic") -> Path:
     """Build (once) and return the directory of the tiny model + tokenizer. Safe against partial writes.
 
-    `pretrain_steps > 0` pretrains the model on arithmetic text first (see the module docstring).
+    `pretrain_steps > 0` pretrains the model on arithmetic text first, with LayerDrop rate `layer_drop` (see
+    the module docstring) and corpus `corpus` (`pretrain_settings`); both are ignored without pretraining.
     """
     from transformers import Qwen2ForCausalLM
 
-    target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed)
+    target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed, layer_drop, corpus)
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     tokenizer = build_tokenizer()
@@ -325,9 +415,9 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
         if pretrain_steps > 0:
             if log is not None:
                 log(f"building the tiny model: pretraining {layers} layers x {hidden} on arithmetic text "
-                    f"({pretrain_steps} steps, cached in {target})")
+                    f"({pretrain_steps} steps, {corpus} corpus, LayerDrop {layer_drop:g}, cached in {target})")
             with torch.enable_grad():
-                pretrain(model, tokenizer, pretrain_settings(pretrain_steps), seed, log)
+                pretrain(model, tokenizer, pretrain_settings(pretrain_steps, layer_drop, corpus), seed, log)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -482,7 +482,8 @@ class Evaluator:
     def __call__(self, step: int, label: str, say) -> float:
         ctx, r, w = self.ctx, self.ctx.rank, self.ctx.world
         result = evaluate(self.policy.model, self.policy.tokenizer, self.problems[r::w], self.prompts[r::w], self.eos_ids,
-                          self.recipe.eval.max_new_tokens, self.recipe.eval.batch_size)
+                          self.recipe.eval.max_new_tokens, self.recipe.eval.batch_size,
+                          require_final=self.recipe.reward.require_final_answer)
         predictions = [p for shard in gather_objects(result.predictions, ctx) for p in shard]
         n = len(predictions)
         accuracy = sum(p["correct"] for p in predictions) / max(n, 1)

@@ -42,21 +42,46 @@ def test_saved_tokenizer_round_trips_spaces_and_newlines_whichever_class_loads_i
         assert loaded.convert_tokens_to_ids(EOS) == 1 and loaded.pad_token_id == 0
 
 
-def test_pieces_hold_true_equations_within_the_operand_ranges():
-    settings = pretrain_settings(12)
+def _check_equation(eq: str, settings, chain: bool) -> tuple[int, str, int, int]:
+    a, op, b, c = (int(x) if x.isdigit() else x for x in _EQ.fullmatch(eq).groups())
+    assert c == {"+": a + b, "-": a - b, "*": a * b}[op] and c >= 0
+    if chain:
+        assert c <= settings.max_value
+        if op == "*":
+            assert min(a, b) <= settings.max_multiplier and max(a, b) <= settings.max_factor
+        else:
+            assert b <= settings.max_operand and a <= settings.max_value
+    else:
+        assert max(a, b) <= (settings.max_add if op != "*" else settings.max_mul_b)
+    return a, op, b, c
+
+
+@pytest.mark.parametrize("corpus", ["arithmetic", "reasoning"])
+def test_pieces_hold_true_equations_and_carried_chains_within_the_ranges(corpus):
+    settings = pretrain_settings(12, corpus=corpus)
     rng = random.Random(0)
     kinds = set()
     for phase in settings.phases:
-        for _ in range(300):
-            context, eq = arithmetic_piece(rng, settings, phase)
-            a, op, b, c = _EQ.match(eq).groups()
-            a, b, c = int(a), int(b), int(c)
-            assert c == {"+": a + b, "-": a - b, "*": a * b}[op] and c >= 0
-            assert max(a, b) <= (settings.max_add if op != "*" else settings.max_mul_b)
+        for _ in range(400):
+            context, text = arithmetic_piece(rng, settings, phase)
+            eqs = _EQ.findall(text)
+            if len(eqs) > 1:  # a chain: "7+5=12. 12-3=9.", each equation starting from the previous result
+                kinds.add("prose chain" if context else "chain")
+                assert text == " ".join(f"{a}{op}{b}={c}." for a, op, b, c in eqs) and len(eqs) <= 4
+                for prev, eq in zip(eqs, eqs[1:]):
+                    assert eq[0] == prev[3]
+                for a, op, b, c in eqs:
+                    _check_equation(f"{a}{op}{b}={c}", settings, chain=True)
+                if context:  # the prose holds the operands in order, one per sentence
+                    operands = [eqs[0][0]] + [eq[2] for eq in eqs]
+                    assert re.findall(r"\d+", context) == operands and context.endswith("\n")
+                continue
+            a, _, b, _ = _check_equation(_EQ.match(text).group(0), settings, chain=False)
             kinds.add("bare" if not context else "scene" if "\n" in context else "phrase")
             if context:  # the context names both operands before the equation uses them
                 assert str(a) in context and str(b) in context
-    assert kinds == {"bare", "scene", "phrase"}
+    chains = {"chain", "prose chain"} if corpus == "reasoning" else set()  # the arithmetic demo's corpus has none
+    assert kinds == {"bare", "scene", "phrase"} | chains
 
 
 def test_batch_weights_equations_and_separators_and_rows_start_at_a_piece():
@@ -77,7 +102,7 @@ def test_batch_weights_equations_and_separators_and_rows_start_at_a_piece():
             assert _EQ.fullmatch(piece.strip("_")), piece
 
 
-def test_pretraining_is_deterministic_lowers_the_loss_and_drops_middle_layers(monkeypatch):
+def test_pretraining_is_deterministic_lowers_the_loss_and_drops_middle_layers_at_the_layerdrop_rate(monkeypatch):
     from transformers import Qwen2ForCausalLM
 
     from lowres_reft import nested
@@ -107,11 +132,38 @@ def test_pretraining_is_deterministic_lowers_the_loss_and_drops_middle_layers(mo
     assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4  # restored after each step
 
 
+def test_layerdrop_zero_never_drops_a_layer_and_a_high_rate_drops_often(monkeypatch):
+    from transformers import Qwen2ForCausalLM
+
+    from lowres_reft import nested
+
+    tok = build_tokenizer()
+    for rate, check in ((0.0, lambda calls: not any(calls)),
+                        (0.9, lambda calls: sum(map(len, calls)) > 2 * len(calls) and all(len(c) < 4 for c in calls))):
+        calls: list[tuple[int, ...]] = []
+        original = nested.skip_layers
+
+        def spy(model, skip):
+            calls.append(tuple(skip))
+            return original(model, skip)
+
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(tiny_config(6, 32, 128))
+        with monkeypatch.context() as patch:
+            patch.setattr(nested, "skip_layers", spy)
+            pretrain(model, tok, pretrain_settings(12, layer_drop=rate), seed=0)
+        assert len(calls) == 12 and check(calls), (rate, calls)
+
+
 def test_cache_dir_names_the_pretraining_and_a_built_model_is_reused(tmp_path):
     assert tiny_dir_name(4, 64) == "tiny-qwen2-L4-H64"
     a, b = tiny_dir_name(4, 64, 100), tiny_dir_name(4, 64, 200)
     assert a.startswith("tiny-qwen2-L4-H64-pt100-") and b.startswith("tiny-qwen2-L4-H64-pt200-") and a[-10:] != b[-10:]
     assert tiny_dir_name(4, 64, 100, seed=1) != a
+    # the LayerDrop rate is part of the key: a base pretrained without it is another model
+    assert tiny_dir_name(4, 64, 100, layer_drop=0.0) != a and tiny_dir_name(4, 64, 100, layer_drop=0.3) == a
+    assert tiny_dir_name(4, 64, 100, corpus="reasoning") != a
+    assert tiny_dir_name(4, 64, layer_drop=0.0) == "tiny-qwen2-L4-H64"  # no pretraining: nothing to drop
     lines: list[str] = []
     path = ensure_tiny_model(tmp_path, 2, 32, pretrain_steps=3, log=lines.append)
     assert path.name == tiny_dir_name(2, 32, 3) and (path / "model.safetensors").is_file()
@@ -129,3 +181,5 @@ def test_negative_pretrain_steps_is_a_config_error():
 
     with pytest.raises(ConfigError, match="tiny_pretrain_steps"):
         load_recipe(str(ROOT / "recipes" / "tiny-cpu.toml"), ["model.tiny_pretrain_steps=-1"])
+    with pytest.raises(ConfigError, match="tiny_layerdrop"):
+        load_recipe(str(ROOT / "recipes" / "tiny-cpu.toml"), ["model.tiny_layerdrop=1.0"])

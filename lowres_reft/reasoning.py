@@ -1,0 +1,146 @@
+"""The builtin reasoning task (``[data] name = "builtin:reasoning"``): multi-step word problems, no download.
+
+Each problem follows one person's stock of one kind of object through 2-4 operations, each result carried into
+the next step, with 1-2 distractor sentences (another person's objects, another kind of object, an age) whose
+numbers must not be used:
+
+    Question: Mia has 4 bags with 3 pens each. Tom has 9 pens. She gives away 5 pens. She buys 8 more pens.
+    How many pens does Mia have now?
+    Reference solution: 4*3=12. 12-5=7. 7+8=15. The answer is 15.
+
+The reference solution is the chain of equations, one per operation, ending with "The answer is N." (30-70
+characters: 30-70 tokens with the tiny character-level model). The reward checks the final answer only;
+`[reward] require_final_answer = true` credits an explicitly stated answer, never a chain's intermediate result.
+
+Numbers stay small (every value <= `MAX_VALUE`, operands of "+"/"-" <= 9, multipliers 2-4) so the arithmetic
+is within reach of the tiny pretrained model (`lowres_reft.tiny` pretrains on the same ranges).
+
+Splits: every question text belongs to one pool by a stable hash of the text (one in `_EVAL_POOL_MOD` is
+held out), so train and held-out never share a question, whatever the sizes and seeds.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+from lowres_reft.data import Problem
+
+# Seed of the held-out set: fixed, so every run evaluates on the same problems.
+REASONING_EVAL_SEED = 4321
+_EVAL_POOL_MOD = 8
+# Largest value a problem ever holds (start, intermediate results, answer); the pretraining covers it.
+MAX_VALUE = 20
+MAX_OPERAND = 9
+MIN_OPS, MAX_OPS = 2, 4
+
+_PEOPLE = (("Tom", "He"), ("Ann", "She"), ("Sam", "He"), ("Mia", "She"), ("Ben", "He"), ("Lily", "She"),
+           ("Max", "He"), ("Zoe", "She"))
+_OBJECTS = ("apple", "pen", "book", "card", "coin", "egg", "ball", "shell", "stamp", "cup")
+# One operation on the stock: its wording ({P}: the pronoun, {n}: the operand).
+# Short on purpose: with a character-level model every prompt character costs a token in every training forward.
+_ADD = ("{P} buys {n} more.", "{P} finds {n} more.", "{P} gets {n} more.")
+_SUB = ("{P} gives away {n}.", "{P} loses {n}.", "{P} sells {n}.")
+_MUL = ("Then {p} has {n} times as many.",)
+
+
+def _plural(obj: str) -> str:
+    return obj + "s"
+
+
+def _start(rng: random.Random, name: str, obj: str) -> tuple[str, int, str | None]:
+    """The opening sentence, the starting value, and its equation when the opening is itself an operation."""
+    if rng.random() < 0.35:
+        bags, each = rng.randint(2, 4), rng.randint(2, 5)
+        return f"{name} has {bags} bags with {each} {_plural(obj)} each.", bags * each, f"{bags}*{each}={bags * each}"
+    value = rng.randint(3, 12)
+    return f"{name} has {value} {_plural(obj)}.", value, None
+
+
+def _operation(rng: random.Random, value: int) -> tuple[str, int] | None:
+    """A random operation that keeps the value in 1..MAX_VALUE: (op, operand), or None when none fits."""
+    choices = []
+    if value + 1 <= MAX_VALUE:
+        choices.append("+")
+    if value >= 2:
+        choices.append("-")
+    if 2 * value <= MAX_VALUE:
+        choices.append("*")
+    if not choices:
+        return None
+    op = rng.choice(choices)
+    if op == "+":
+        return op, rng.randint(min(2, MAX_VALUE - value), min(MAX_OPERAND, MAX_VALUE - value))
+    if op == "-":
+        return op, rng.randint(min(2, value - 1), min(MAX_OPERAND, value - 1))
+    return op, rng.randint(2, min(4, MAX_VALUE // value))
+
+
+def _distractor(rng: random.Random, name: str, obj: str, kind: int) -> str:
+    """A sentence with a number that the solution must not use (`kind` 0: another person's objects, 1: another
+    kind of object, 2: an age)."""
+    n = rng.randint(2, 20)
+    if kind == 0:  # of the other gender, so that the next "He"/"She" still means `name`
+        pron = dict(_PEOPLE)[name]
+        other = rng.choice([p for p, q in _PEOPLE if q != pron])
+        return f"{other} has {n} {_plural(obj)}."
+    if kind == 1:
+        other_obj = rng.choice([o for o in _OBJECTS if o != obj])
+        return f"{name} also has {n} {_plural(other_obj)}."
+    return f"{name} is {n} years old."
+
+
+def _apply(op: str, a: int, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def generate_problem(rng: random.Random) -> Problem:
+    """One word problem with its reference chain "a op b=c. c op d=e. The answer is e."."""
+    (name, pron), obj = rng.choice(_PEOPLE), rng.choice(_OBJECTS)
+    n_ops = rng.randint(MIN_OPS, MAX_OPS)
+    opening, value, first_eq = _start(rng, name, obj)
+    sentences, steps = [opening], [first_eq] if first_eq else []
+    while len(steps) < n_ops:
+        picked = _operation(rng, value)
+        if picked is None:
+            break
+        op, n = picked
+        wording = rng.choice(_ADD if op == "+" else _SUB if op == "-" else _MUL)
+        sentences.append(wording.format(P=pron, p=pron.lower(), n=n))
+        result = _apply(op, value, n)
+        steps.append(f"{value}{op}{n}={result}")
+        value = result
+    for kind in rng.sample(range(3), rng.randint(1, 2)):  # after the opening, anywhere before the question
+        sentences.insert(rng.randint(1, len(sentences)), _distractor(rng, name, obj, kind))
+    question = " ".join(sentences) + f" How many {_plural(obj)} does {name} have now?"
+    solution = " ".join(s + "." for s in steps) + f" The answer is {value}."
+    return Problem(question=question, answer=str(value), solution=solution)
+
+
+def in_eval_pool(question: str) -> bool:
+    return zlib.crc32(question.encode("utf-8")) % _EVAL_POOL_MOD == 0
+
+
+def _problems(n: int, seed: int, eval_pool: bool) -> list[Problem]:
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    while len(problems) < n:  # the pool holds billions of questions: duplicates are rare and skipped
+        problem = generate_problem(rng)
+        if in_eval_pool(problem.question) != eval_pool or problem.question in seen:
+            continue
+        seen.add(problem.question)
+        problems.append(problem)
+    return problems
+
+
+def builtin_reasoning(n: int, seed: int) -> list[Problem]:
+    """`n` distinct training problems, deterministic in `seed`; never a held-out question."""
+    return _problems(n, seed, eval_pool=False)
+
+
+def builtin_reasoning_eval(n: int, seed: int = REASONING_EVAL_SEED) -> list[Problem]:
+    """`n` distinct held-out problems, disjoint (as question texts) from every `builtin_reasoning` output."""
+    return _problems(n, seed, eval_pool=True)
