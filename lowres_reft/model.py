@@ -14,6 +14,7 @@ from torch import nn
 
 from lowres_reft.config import LoraConfig, ModelConfig
 from lowres_reft.errors import UsageError
+from lowres_reft.layers import LayerStack
 from lowres_reft.tiny import TINY_NAME, ensure_tiny_model
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,7 +30,7 @@ class Policy:
 
     @property
     def num_layers(self) -> int:
-        return len(decoder_stack(self.model).layers)
+        return LayerStack(self.model).count
 
 
 def resolve_device(cfg: ModelConfig) -> torch.device:
@@ -214,17 +215,3 @@ def _stored_numel(param: torch.Tensor) -> int:
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return int(torch.Size(quant_state.shape).numel())
     return param.numel()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers causal LM (`...ForCausalLM`) inside a peft wrapper, or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def decoder_stack(model: nn.Module) -> nn.Module:
-    """The module holding the decoder layers (`.layers`) and the config, e.g. `Qwen2Model`."""
-    inner = unwrap(model)
-    stack = getattr(inner, "model", inner)
-    if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
-        raise UsageError(f"{type(inner).__name__}: unsupported architecture (no model.layers decoder stack to skip layers in)")
-    return stack

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lowres_reft.errors import UsageError
 from lowres_reft.logprobs import head_logits
-from lowres_reft.model import decoder_stack
+from lowres_reft.layers import decoder_stack
 from lowres_reft.nested import skip_layers
 
 

@@ -245,10 +245,11 @@ def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) 
     step through `lowres_reft.nested.skip_layers`, the behavior policy's own mechanism. Deterministic in `seed`
     (and the torch RNG state, for the initial weights). Returns the loss of every step.
     """
+    from lowres_reft.layers import LayerStack
     from lowres_reft.nested import skip_layers
 
     vocab = char_vocab(tokenizer)
-    middle = list(range(1, model.config.num_hidden_layers - 1))
+    middle = list(range(1, LayerStack(model).count - 1))
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(phase.steps for phase in settings.phases)
     losses: list[float] = []
