@@ -8,7 +8,6 @@ the fields of the matching dataclass; unknown sections/keys, wrong types and out
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import tomllib
 import types
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lowres_reft.errors import ConfigError
+from lowres_reft.errors import ConfigError, did_you_mean
 
 # Sane bounds: an Adam learning rate above 1 only diverges; below MIN_TEMPERATURE logits / T overflow float32;
 # seeds must fit torch's 64-bit generator after the per-process offset.
@@ -365,8 +364,7 @@ def _sections() -> list[str]:
 
 
 def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f' (did you mean "{close[0]}"?)' if close else f" (known: {', '.join(sorted(choices))})"
+    return did_you_mean(name, choices) or f" (known: {', '.join(sorted(choices))})"
 
 
 def _type_name(tp: Any) -> str:

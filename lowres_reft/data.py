@@ -42,7 +42,6 @@ scratch). `format_solution` gives the matching completion text for supervised wa
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import random
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from lowres_reft.config import DataConfig
-from lowres_reft.errors import UsageError
+from lowres_reft.errors import UsageError, did_you_mean, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -354,14 +353,11 @@ def load_problems(cfg: DataConfig, split: Literal["train", "eval"]) -> list[Prob
 
 
 def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    hint = f' (did you mean "{close[0]}"?)' if close else ""
-    return f"{hint}; known datasets: {', '.join(choices)}"
+    return f"{did_you_mean(name, choices)}; known datasets: {', '.join(choices)}"
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
+    text = first_line(err)
     if len(text) > 200:
         text = text[:197] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
@@ -661,3 +657,13 @@ def format_solution(solution: str, tokenizer: Any = None, cfg: DataConfig | None
     if tokenizer is not None and cfg is not None and uses_chat_template(tokenizer, cfg):
         return solution
     return " " + solution
+
+
+def encode_prompts(tokenizer, problems: list[Problem], recipe) -> list[list[int]]:
+    """Formatted, tokenized prompts; over-long prompts keep their end (where the question is asked)."""
+    limit = recipe.data.max_prompt_tokens
+    out = []
+    for problem in problems:
+        ids = tokenizer(format_prompt(tokenizer, problem.question, recipe.data), add_special_tokens=False)["input_ids"]
+        out.append(ids[-limit:])
+    return out

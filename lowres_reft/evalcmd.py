@@ -342,24 +342,17 @@ def _check_out(out: Path) -> None:
     if out.is_dir():
         raise UsageError(f"--out {out}: is a directory; give a file name (e.g. {out / 'preds.jsonl'})")
     parent = out.parent if str(out.parent) else Path(".")
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    from lowres_reft.fsutil import nearest_existing, writable_dir
+
+    existing = nearest_existing(parent)
+    if not writable_dir(existing):
         raise UsageError(f"--out {out}: cannot write in {existing}")
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from lowres_reft.fsutil import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -440,9 +433,9 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
 
     from lowres_reft.config import Recipe
-    from lowres_reft.data import load_problems
+    from lowres_reft.data import encode_prompts, load_problems
+    from lowres_reft.model import eos_token_ids
     from lowres_reft.rewards import extract_answer, is_equivalent
-    from lowres_reft.trainer import encode_prompts, eos_token_ids
 
     problems = load_problems(data_cfg, "eval")
     policy, model_cfg = load_target(target, args)

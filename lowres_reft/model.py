@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lowres_reft.config import LoraConfig, ModelConfig
-from lowres_reft.errors import UsageError
+from lowres_reft.errors import UsageError, first_line
 from lowres_reft.layers import LayerStack
 from lowres_reft.tiny import TINY_NAME, ensure_tiny_model
 
@@ -83,7 +83,7 @@ def _hub_call(fn, name: str):
     try:
         return fn()
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err) or type(err).__name__
         if "attention implementation" in first:  # e.g. Gemma 2 has no SDPA path: not a download problem
             raise UsageError(f"cannot load model {name!r} ({first[:200]}); set [model] attn_implementation = \"eager\"") from None
         if Path(name).expanduser().is_dir():  # a local directory: the network is not the problem
@@ -215,3 +215,11 @@ def _stored_numel(param: torch.Tensor) -> int:
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return int(torch.Size(quant_state.shape).numel())
     return param.numel()
+
+
+def eos_token_ids(policy: Policy) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the generation config's."""
+    ids = {policy.tokenizer.eos_token_id}
+    configured = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)

@@ -26,7 +26,6 @@ front as wrong. No exception ever leaves a reward function: a failure while chec
 from __future__ import annotations
 
 import bisect
-import difflib
 import functools
 import importlib
 import math
@@ -39,7 +38,7 @@ from fractions import Fraction
 from typing import NamedTuple
 
 from lowres_reft import verify_worker
-from lowres_reft.errors import ConfigError, UsageError
+from lowres_reft.errors import ConfigError, UsageError, did_you_mean
 
 RewardFn = Callable[[str, str], float]
 
@@ -461,8 +460,7 @@ def get_reward_fn(name: str) -> RewardFn:
         return REWARDS[name]
     if ":" not in name:
         known = ", ".join(sorted(REWARDS))
-        close = difflib.get_close_matches(name, list(REWARDS), n=1, cutoff=0.6)
-        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        hint = did_you_mean(name, REWARDS)
         raise ConfigError(
             f"unknown reward function {name!r}{hint}; known: {known} "
             f"(or name your own as 'package.module:function')"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -35,6 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from lowres_reft.builders import warmup_cosine
+from lowres_reft.fsutil import publish_dir
 
 TINY_NAME = "builtin:tiny"
 PAD, EOS = "<pad>", "<|endoftext|>"
@@ -260,10 +262,7 @@ def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) 
         opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
 
         def factor(step: int, phase: PretrainPhase = phase) -> float:
-            if step < phase.warmup:
-                return (step + 1) / phase.warmup
-            progress = (step - phase.warmup) / max(1, phase.steps - phase.warmup)
-            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return warmup_cosine(step, phase.warmup, phase.steps, floor=0.1)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         for step in range(phase.steps):
@@ -332,10 +331,5 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race; its copy is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_dir(tmp, target)  # another process may have won the race; its copy is identical
     return target

@@ -123,7 +123,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
 
     from lowres_reft.config import load_recipe
     from lowres_reft.model import load_policy, resolve_device
-    from lowres_reft.trainer import build_lr_scheduler, build_optimizer, build_skip_schedule
+    from lowres_reft.builders import build_lr_scheduler, build_optimizer, build_skip_schedule
 
     recipe = load_recipe(args.recipe, args.overrides)
     shape = _resolve_shape(args, recipe)

@@ -1,0 +1,73 @@
+"""Builders the training loop (and `bench step`) wire together: optimizer, LR schedule, skip-set schedule.
+
+Plain functions from the recipe to ready objects; the loop itself lives in `trainer.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from lowres_reft.config import Recipe
+from lowres_reft.errors import UsageError
+from lowres_reft.nested import SkipSchedule
+
+if TYPE_CHECKING:
+    from lowres_reft.model import Policy
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    """LR multiplier at `step` (0-based) of `total`: linear warm-up over `warmup` steps, then cosine decay from 1 to
+    `floor` (reached at `total`, held after)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_factor(update: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base LR at optimizer update `update` (0-based): linear warmup, then the schedule."""
+    if schedule == "cosine":
+        return warmup_cosine(update, warmup, total)
+    if warmup > 0 and update < warmup:
+        return (update + 1) / warmup
+    if schedule == "linear":
+        return max(0.0, 1.0 - (update - warmup) / max(1, total - warmup))
+    return 1.0
+
+
+def build_optimizer(policy: Policy, recipe: Recipe, log=print) -> torch.optim.Optimizer:
+    params = trainable(policy)
+    cfg = recipe.train
+    if cfg.optimizer == "paged_adamw_8bit":
+        if policy.device.type == "cuda":
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        log("note: paged_adamw_8bit needs CUDA; using torch AdamW on this device")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_updates: int):
+    cfg = recipe.train
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, total_updates, cfg.warmup_steps, cfg.lr_schedule))
+
+
+def build_skip_schedule(num_layers: int, recipe: Recipe, seed: int) -> SkipSchedule:
+    """The behavior's skip-set schedule; "adaptive" = random sets whose ratio the loop adjusts after each step."""
+    beh = recipe.behavior
+    adaptive = beh.schedule == "adaptive"
+    start_ratio = min(beh.max_ratio, max(beh.min_ratio, beh.skip_ratio)) if adaptive else beh.skip_ratio
+    try:
+        schedule = SkipSchedule(num_layers, start_ratio, beh.protect_first, beh.protect_last,
+                                "random" if adaptive else beh.schedule, beh.layers, seed)
+        schedule.check_ratio(beh.max_ratio if adaptive else start_ratio)
+    except ValueError as err:
+        raise UsageError(f"{recipe.source}: [behavior] {err}") from None
+    return schedule
+
+
+def trainable(policy: Policy) -> list[torch.nn.Parameter]:
+    return [p for p in policy.model.parameters() if p.requires_grad]
