@@ -190,14 +190,15 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    correction: Literal["none", "tis", "seq_is", "retrace"] = "retrace"
+    # A name in the correction registry (lowres_reft.loss.CORRECTIONS): none, tis, seq_is, retrace.
+    correction: str = "retrace"
     # Cap on importance ratios (tis, seq_is, retrace); inf = uncapped (the one float key where inf is allowed).
     is_cap: float = field(default=2.0, metadata={"allow_inf": True})
     retrace_lambda: float = 1.0
     # "std": A = (R - mean) / (std + eps) (GRPO); "none": A = R - mean (Dr. GRPO).
-    advantage_scale: Literal["std", "none"] = "std"
+    advantage_scale: str = "std"
     advantage_eps: float = 1e-4
-    aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    aggregation: str = "token_mean"  # token_mean, seq_mean or dr_grpo (lowres_reft.loss.AGGREGATIONS)
     kl_beta: float = 0.0
     # PPO clipping against the first update's log-probs (only matters with updates_per_batch > 1).
     clip_eps: float = 0.2
@@ -207,6 +208,11 @@ class LossConfig:
     logprob_chunk: int = 1024
 
     def validate(self) -> None:
+        from lowres_reft import loss
+
+        _require_choice(self.correction, "correction", loss.CORRECTIONS)
+        _require_choice(self.advantage_scale, "advantage_scale", loss.ADVANTAGE_SCALES)
+        _require_choice(self.aggregation, "aggregation", loss.AGGREGATIONS)
         _require(self.is_cap > 0.0, "is_cap", "must be > 0 (use inf for no cap)")
         _require(0.0 <= self.retrace_lambda <= 1.0, "retrace_lambda", "must be in [0, 1]")
         _require(self.advantage_eps >= 0.0, "advantage_eps", "must be >= 0")
@@ -357,6 +363,11 @@ class _KeyError(Exception):
 def _require(condition: bool, key: str, problem: str) -> None:
     if not condition:
         raise _KeyError(key, problem)
+
+
+def _require_choice(value: str, key: str, choices) -> None:
+    """`value` must name one of `choices` (a registry's keys, or a tuple of names)."""
+    _require(value in choices, key, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
 
 def _sections() -> list[str]:
