@@ -293,11 +293,14 @@ class _Schema:
     # Local-file format of the generic loaders ("json", "parquet", "csv"); None: guessed from the extension.
     local_format: str | None = None
     note: str = ""
+    # Columns the row function reads besides the question/answer/solution fields (svamp: Body + Question).
+    extra_columns: tuple[str, ...] = ()
 
 
 _SCHEMAS: dict[str, _Schema] = {
     "gsm8k": _Schema("openai/gsm8k", "main", "question", "answer", None, _row_gsm8k),
-    "svamp": _Schema("ChilleD/SVAMP", None, "Question", "Answer", "Equation", _row_svamp),
+    "svamp": _Schema("ChilleD/SVAMP", None, "Question", "Answer", "Equation", _row_svamp,
+                     extra_columns=("Body", "Question")),
     "math12k": _Schema("hiyouga/math12k", None, "problem", "answer", "solution", _row_plain),
     "math500": _Schema(
         "HuggingFaceH4/MATH-500", None, "problem", "answer", "solution", _row_plain,
@@ -578,9 +581,7 @@ def _short(value: Any) -> str:
 def _to_problems(
     ds: datasets.Dataset, schema: _Schema, fields: _Fields, seed: int, limit: int | None, source: str
 ) -> list[Problem]:
-    wanted = [fields.question, fields.answer, fields.solution]
-    if schema.row is _row_svamp:
-        wanted += ["Body", "Question"]
+    wanted = [fields.question, fields.answer, fields.solution, *schema.extra_columns]
     wanted = [c for c in dict.fromkeys(wanted) if c]
     columns = ds.select_columns([c for c in wanted if c in ds.column_names]).to_dict()
     n_rows = ds.num_rows

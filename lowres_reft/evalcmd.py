@@ -222,8 +222,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "with --k samples completions and reports pass@k. Writes per-problem predictions as JSONL.",
     )
     p.add_argument("target", help="runs/<run>/checkpoint-NNNNNN, runs/<run>, a model dir, a hub name, or builtin:tiny")
-    p.add_argument("--data", help="dataset: gsm8k, svamp, math12k, math500, builtin:arithmetic, jsonl, parquet, csv "
-                                  "(default: a checkpoint's recipe [data], else gsm8k)")
+    from lowres_reft.data import KNOWN_DATASETS
+
+    p.add_argument("--data", help=f"dataset: {', '.join(KNOWN_DATASETS)} (default: a checkpoint's recipe [data], else gsm8k)")
     p.add_argument("--data-path", help="local copy of the dataset (file or directory); required for jsonl/parquet/csv")
     p.add_argument("--split", help="split to evaluate (default: a checkpoint's eval_split, else test)")
     p.add_argument("--n", type=int, help="evaluate the first N problems of the (seeded-shuffled) split (default: all)")
