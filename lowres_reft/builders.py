@@ -13,6 +13,7 @@ import torch
 from lowres_reft.config import Recipe
 from lowres_reft.errors import UsageError
 from lowres_reft.nested import SkipSchedule
+from lowres_reft.rollout import Engine, make_engine
 
 if TYPE_CHECKING:
     from lowres_reft.model import Policy
@@ -36,6 +37,15 @@ def lr_factor(update: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return max(0.0, 1.0 - (update - warmup) / max(1, total - warmup))
     return 1.0
+
+
+def build_engine(policy: Policy, recipe: Recipe, generator: torch.Generator, eos_ids: list[int],
+                 on_micro_batch=None) -> Engine:
+    """The training rollouts' sampling engine: `[rollout] engine` with the [rollout] sampling settings."""
+    r = recipe.rollout
+    return make_engine(r.engine, policy.model, max_new_tokens=r.max_new_tokens, eos_ids=eos_ids,
+                       pad_id=policy.tokenizer.pad_token_id, temperature=r.temperature, top_p=r.top_p,
+                       generator=generator, micro_batch=r.micro_batch, on_micro_batch=on_micro_batch)
 
 
 def build_optimizer(policy: Policy, recipe: Recipe, log=print) -> torch.optim.Optimizer:

@@ -177,6 +177,9 @@ class RolloutConfig:
     top_p: float = 1.0
     # Sequences generated at once (0 = the whole step's prompts_per_step * group_size).
     micro_batch: int = 0
+    # The sampling engine (lowres_reft.rollout.ENGINES), used for rollouts and evaluation: "loop" = the plain
+    # decode loop with a dynamic KV cache.
+    engine: str = "loop"
 
     def validate(self) -> None:
         _require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
@@ -186,6 +189,9 @@ class RolloutConfig:
                  f"must be >= {MIN_TEMPERATURE:g} (training samples; greedy is for eval; below that logits / T overflow)")
         _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         _require(self.micro_batch >= 0, "micro_batch", "must be >= 0")
+        from lowres_reft.rollout import ENGINES
+
+        _require_choice(self.engine, "engine", ENGINES)
 
 
 @dataclass(frozen=True)
@@ -588,7 +594,7 @@ def _toml_char(c: str) -> str:
 # update on (a "constant" schedule is unaffected; a decaying one continues along the new horizon).
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.micro_batch_size", "train.gradient_checkpointing",
-    "rollout.micro_batch", "loss.logprob_chunk",
+    "rollout.micro_batch", "rollout.engine", "loss.logprob_chunk",
     "data.eval_split", "data.max_eval_samples",
     "eval.every", "eval.max_new_tokens", "eval.batch_size", "eval.before_training",
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume",

@@ -143,13 +143,14 @@ def load_base_model(cfg: ModelConfig, name_or_path: str, device: torch.device):
 
 def load_policy(
     model_cfg: ModelConfig,
-    lora_cfg: LoraConfig,
+    lora_cfg: LoraConfig | None,
     cache_dir: str | Path = "runs",
     adapter_dir: str | Path | None = None,
     gradient_checkpointing: bool = False,
     seed: int = 0,
 ) -> Policy:
-    """Tokenizer + frozen base + LoRA (fresh, or loaded from `adapter_dir`). Adapter params require grad."""
+    """Tokenizer + frozen base + LoRA (fresh from `lora_cfg`, or loaded from `adapter_dir`). Adapter params require
+    grad. With neither (`lora_cfg` None, no `adapter_dir`): the plain model, nothing trains (`lowres-reft eval`)."""
     from peft import PeftModel
 
     device = resolve_device(model_cfg)
@@ -166,8 +167,10 @@ def load_policy(
         base.enable_input_require_grads()
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
-    else:
+    elif lora_cfg is not None:
         model = add_lora(base, lora_cfg, seed)
+    else:
+        model = base
     disable_cpu_bf16_repack(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(_stored_numel(p) for p in model.parameters())

@@ -21,18 +21,18 @@ import torch
 from lowres_reft import loss as L
 from lowres_reft.checkpoint import latest_good_checkpoint, list_checkpoints, load_trainer_files, save_checkpoint
 from lowres_reft.config import RESUMABLE_KEYS, LossConfig, Recipe, describe_change, load_recipe, recipe_changes, recipe_to_toml
-from lowres_reft.builders import build_lr_scheduler, build_optimizer, build_skip_schedule, trainable
+from lowres_reft.builders import build_engine, build_lr_scheduler, build_optimizer, build_skip_schedule, trainable
 from lowres_reft.data import Problem, encode_prompts, load_problems
 from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.errors import UsageError
-from lowres_reft.evaluate import decode_completions, evaluate
+from lowres_reft.evaluation import decode_completions, evaluate
 from lowres_reft.fsutil import atomic_write_text, nearest_existing, writable_dir
 from lowres_reft.logprobs import check_head_logits, completion_logp
 from lowres_reft.metrics import MetricsLog, MetricsWriteError, Progress, merge_records
 from lowres_reft.model import Policy, check_model_name, eos_token_ids, load_policy, model_path
 from lowres_reft.nested import adapt_skip_ratio
 from lowres_reft.rewards import resolve_rewards, score
-from lowres_reft.rollout import RolloutBatch, check_generation_length, sample
+from lowres_reft.rollout import Engine, RolloutBatch, check_generation_length, make_engine
 from lowres_reft.rundir import RunLock, check_not_locked
 from lowres_reft.tracking import check_trackers, open_trackers
 
@@ -59,22 +59,17 @@ def prompt_indices(step: int, accum: int, recipe: Recipe, n: int) -> list[int]:
     return out
 
 
-def rollout_rows(policy: Policy, recipe: Recipe, prompts: list[list[int]], skip: tuple[int, ...],
-                 generator: torch.Generator, eos_ids: list[int], on_micro_batch=None) -> RolloutBatch:
+def rollout_rows(engine: Engine, recipe: Recipe, prompts: list[list[int]], skip: tuple[int, ...]) -> RolloutBatch:
     """G completions of each prompt, group-contiguous (the G completions of a prompt side by side)."""
-    r = recipe.rollout
-    rows = [p for p in prompts for _ in range(r.group_size)]
-    return sample(policy.model, rows, max_new_tokens=r.max_new_tokens, eos_ids=eos_ids, pad_id=policy.tokenizer.pad_token_id,
-                  temperature=r.temperature, top_p=r.top_p, skip=skip, generator=generator, micro_batch=r.micro_batch,
-                  on_micro_batch=on_micro_batch)
+    return engine.generate([p for p in prompts for _ in range(recipe.rollout.group_size)], skip)
 
 
-def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: list[list[int]], indices: list[int],
-            skip: tuple[int, ...], generator: torch.Generator, eos_ids: list[int], on_micro_batch=None) -> ScoredBatch:
+def collect(engine: Engine, tokenizer, recipe: Recipe, problems: list[Problem], prompts: list[list[int]],
+            indices: list[int], skip: tuple[int, ...]) -> ScoredBatch:
     """prompts_per_step prompts x G completions from the nested model, scored, with group advantages."""
     G = recipe.rollout.group_size
-    rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids, on_micro_batch)
-    texts = decode_completions(policy.tokenizer, rollout.completion_ids, rollout.completion_mask)
+    rollout = rollout_rows(engine, recipe, [prompts[i] for i in indices], skip)
+    texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
     golds = [problems[i].answer for i in indices for _ in range(G)]
     scores = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight,
                    recipe.reward.require_final_answer, recipe.reward.timeout_s)
@@ -316,6 +311,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
             run_warmup(policy, recipe, train_problems, metrics, say)
             evaluator(0, "after_warmup", say)
     progress = Progress(cfg.steps, state["step"], recipe.log.progress if ctx.is_main else "none")
+    engine = build_engine(policy, recipe, generator, eos_ids, on_micro_batch=progress.within("rollout"))
     stop = StopFlag()
     step = state["step"]
     try:
@@ -325,9 +321,9 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
                 torch.cuda.reset_peak_memory_stats(policy.device)
             # 1. Rollouts: grad_accum batches (this process's shard of each), each from a freshly drawn nested model.
             batches = [
-                collect_or_explain(policy, recipe, train_problems, train_prompts,
+                collect_or_explain(engine, policy.tokenizer, recipe, train_problems, train_prompts,
                                    prompt_indices(step, a, recipe, len(train_prompts))[ctx.rank :: ctx.world],
-                                   schedule.draw(), generator, eos_ids, on_micro_batch=progress.within("rollout"))
+                                   schedule.draw())
                 for a in range(cfg.grad_accum)
             ]
             totals = [global_totals(b, recipe, ctx) for b in batches]
@@ -413,11 +409,14 @@ class Evaluator:
     def __init__(self, policy, recipe, problems, prompts, eos_ids, run_dir, history, metrics, ctx) -> None:
         self.policy, self.recipe, self.problems, self.prompts, self.eos_ids = policy, recipe, problems, prompts, eos_ids
         self.run_dir, self.history, self.metrics, self.ctx = run_dir, history, metrics, ctx
+        # Greedy, the full model (no layers skipped), [eval] max_new_tokens.
+        self.engine = make_engine(recipe.rollout.engine, policy.model, max_new_tokens=recipe.eval.max_new_tokens,
+                                  eos_ids=eos_ids, pad_id=policy.tokenizer.pad_token_id, greedy=True)
 
     def __call__(self, step: int, label: str, say) -> float:
         ctx, r, w = self.ctx, self.ctx.rank, self.ctx.world
-        result = evaluate(self.policy.model, self.policy.tokenizer, self.problems[r::w], self.prompts[r::w], self.eos_ids,
-                          self.recipe.eval.max_new_tokens, self.recipe.eval.batch_size)
+        result = evaluate(self.engine, self.policy.tokenizer, self.problems[r::w], self.prompts[r::w],
+                          self.recipe.eval.batch_size)
         predictions = [p for shard in gather_objects(result.predictions, ctx) for p in shard]
         n = len(predictions)
         accuracy = sum(p["correct"] for p in predictions) / max(n, 1)
@@ -430,9 +429,9 @@ class Evaluator:
         return accuracy
 
 
-def collect_or_explain(policy: Policy, recipe: Recipe, *args, **kwargs) -> ScoredBatch:
+def collect_or_explain(engine: Engine, tokenizer, recipe: Recipe, *args) -> ScoredBatch:
     try:
-        return collect(policy, recipe, *args, **kwargs)
+        return collect(engine, tokenizer, recipe, *args)
     except torch.cuda.OutOfMemoryError:
         r = recipe.rollout
         raise UsageError(
