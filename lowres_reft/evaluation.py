@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
-from lowres_reft.rewards import extract_answer, is_equivalent, math_correct
+from lowres_reft.answers import extract_answer, is_equivalent
+from lowres_reft.rewards import math_correct
 
 if TYPE_CHECKING:
     import torch
