@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from lowres_reft import loss as L
-from lowres_reft.checkpoint import latest_good_checkpoint, list_checkpoints, load_trainer_files, save_checkpoint
-from lowres_reft.config import RESUMABLE_KEYS, LossConfig, Recipe, describe_change, load_recipe, recipe_changes, recipe_to_toml
+from lowres_reft.checkpoint import check_resume, latest_good_checkpoint, list_checkpoints, load_trainer_files, save_checkpoint
+from lowres_reft.config import LossConfig, Recipe, recipe_to_toml
 from lowres_reft.builders import build_engine, build_lr_scheduler, build_optimizer, build_skip_schedule, trainable
 from lowres_reft.data import Problem, encode_prompts, load_problems
 from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
@@ -201,23 +201,6 @@ class StopFlag:
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def check_resume(recipe: Recipe, ckpt: Path, world: int) -> None:
-    """Refuse to resume `ckpt` with a recipe that changes what the run is, or with another number of processes."""
-    saved = load_recipe(ckpt / "recipe.toml")
-    fixed = [describe_change(*c) for c in recipe_changes(saved, recipe) if c[0] not in RESUMABLE_KEYS]
-    if fixed:
-        raise UsageError(f"cannot resume {ckpt} with a changed recipe ({', '.join(fixed)}); restore these values, "
-                         "or set [log] run_name to start a new run")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    if recipe.train.steps < state["step"]:
-        raise UsageError(f"[train] steps = {recipe.train.steps} is before the checkpoint's step {state['step']} ({ckpt}); "
-                         f"set train.steps >= {state['step']}")
-    saved_world = len(state.get("skip_schedule", [None]))
-    if saved_world != world:  # the skip schedules and sampling generators are per process
-        raise UsageError(f"{ckpt} was written by {saved_world} process(es); resume it with {saved_world} "
-                         f"(this run has {world})")
 
 
 def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
