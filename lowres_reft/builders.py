@@ -5,7 +5,6 @@ Plain functions from the recipe to ready objects; the loop itself lives in `trai
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,29 +13,10 @@ from lowres_reft.config import Recipe
 from lowres_reft.errors import UsageError
 from lowres_reft.nested import SkipSchedule
 from lowres_reft.rollout import Engine, make_engine
+from lowres_reft.schedules import lr_factor
 
 if TYPE_CHECKING:
     from lowres_reft.model import Policy
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
-    """LR multiplier at `step` (0-based) of `total`: linear warm-up over `warmup` steps, then cosine decay from 1 to
-    `floor` (reached at `total`, held after)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def lr_factor(update: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base LR at optimizer update `update` (0-based): linear warmup, then the schedule."""
-    if schedule == "cosine":
-        return warmup_cosine(update, warmup, total)
-    if warmup > 0 and update < warmup:
-        return (update + 1) / warmup
-    if schedule == "linear":
-        return max(0.0, 1.0 - (update - warmup) / max(1, total - warmup))
-    return 1.0
 
 
 def build_engine(policy: Policy, recipe: Recipe, generator: torch.Generator, eos_ids: list[int],

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from lowres_reft.builders import warmup_cosine
 from lowres_reft.fsutil import publish_dir
+from lowres_reft.schedules import warmup_cosine
 
 TINY_NAME = "builtin:tiny"
 PAD, EOS = "<pad>", "<|endoftext|>"

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_RUN_SETS
 from safetensors.torch import load_file
 
-from lowres_reft import builders, trainer
+from lowres_reft import schedules, trainer
 from lowres_reft.config import load_recipe
 from lowres_reft.metrics import read_metrics
 
@@ -22,13 +22,13 @@ def _recipe(tmp_path, *extra):
 
 
 def test_lr_factor_warmup_and_schedules():
-    assert builders.lr_factor(0, 10, 2, "constant") == 0.5
-    assert builders.lr_factor(1, 10, 2, "constant") == 1.0
-    assert builders.lr_factor(5, 10, 0, "constant") == 1.0
-    assert builders.lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
-    assert builders.lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
-    assert builders.lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0, abs=1e-12)
-    assert builders.lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert schedules.lr_factor(0, 10, 2, "constant") == 0.5
+    assert schedules.lr_factor(1, 10, 2, "constant") == 1.0
+    assert schedules.lr_factor(5, 10, 0, "constant") == 1.0
+    assert schedules.lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert schedules.lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert schedules.lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert schedules.lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
 
 
 def test_prompt_indices_cover_each_epoch_once(tmp_path):
