@@ -1,4 +1,4 @@
-"""Builders the training loop (and `bench step`) wire together: optimizer, LR schedule, skip-set schedule.
+"""Builders the training loop (and `bench step`) wire together: sampling engine, optimizer, LR schedule, skip sets.
 
 Plain functions from the recipe to ready objects; the loop itself lives in `trainer.py`.
 """

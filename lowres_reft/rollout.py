@@ -1,4 +1,8 @@
-"""The sampling loop: completions plus the behavior log-prob of every sampled token.
+"""The sampling seam: engines (`Engine.generate(prompts, skip) -> RolloutBatch`) and the default one's loop,
+which gives completions plus the behavior log-prob of every sampled token.
+
+Everything that samples (training rollouts, eval during training, `lowres-reft eval`, `bench`) builds an engine with
+`make_engine([rollout] engine, model, ...)`; "loop" (`LoopEngine`, the `sample` loop below) is the default.
 
 Behavior log-probs are recorded inside the loop (no extra forward pass) under exactly the distribution
 sampled from: log_softmax(logits / temperature), and with top_p < 1 the nucleus-truncated, renormalized
