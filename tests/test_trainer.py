@@ -197,3 +197,27 @@ def test_recipes_choose_require_final_answer(tmp_path, monkeypatch):
     trainer.train(_recipe(tmp_path, "train.steps=1", "eval.before_training=false", "reward.require_final_answer=true"),
                   log=lambda *a: None)
     assert seen == [True]
+
+
+def test_a_registered_engine_does_all_the_sampling(tmp_path, monkeypatch):
+    """The sampling seam: an engine registered in rollout.ENGINES and named by [rollout] engine serves the training
+    rollouts (nested, sampled) and the evals (full model, greedy); an unknown name is a one-line ConfigError."""
+    from lowres_reft import rollout
+    from lowres_reft.errors import ConfigError
+
+    calls = []
+
+    class CountingEngine(rollout.LoopEngine):
+        def generate(self, prompts, skip=()):
+            calls.append((len(prompts), tuple(skip), self.greedy))
+            return super().generate(prompts, skip)
+
+    monkeypatch.setitem(rollout.ENGINES, "counting", CountingEngine)
+    trainer.train(_recipe(tmp_path, "log.run_name=engine", "train.steps=2", "rollout.engine=counting",
+                          "eval.before_training=false", "behavior.skip_ratio=0.25"), log=lambda *a: None)
+    rollouts = [c for c in calls if not c[2]]
+    evals = [c for c in calls if c[2]]
+    assert len(rollouts) == 2 and all(skip for _, skip, _ in rollouts)  # one nested rollout batch per step
+    assert evals and all(skip == () for _, skip, _ in evals)  # the final eval: full model, greedy
+    with pytest.raises(ConfigError, match="engine must be one of 'loop'"):
+        _recipe(tmp_path, "rollout.engine=static")
