@@ -12,6 +12,7 @@ Layout of `<run>/checkpoint-000010/`:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +22,9 @@ from typing import Any
 
 import torch
 
+from lowres_reft.config import Recipe, load_recipe, sections
 from lowres_reft.errors import UsageError
+from lowres_reft.typed_toml import toml_value
 
 MANIFEST = "manifest.json"
 LAST = "checkpoint-last"
@@ -135,3 +138,48 @@ def load_trainer_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     rng_state = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     return optimizer_state, rng_state, trainer_state
+
+
+# ------------------------------------------------------------------------------------------ resuming
+
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "train.micro_batch_size", "train.gradient_checkpointing",
+    "rollout.micro_batch", "rollout.engine", "loss.logprob_chunk",
+    "data.eval_split", "data.max_eval_samples",
+    "eval.every", "eval.max_new_tokens", "eval.batch_size", "eval.before_training",
+    "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume",
+    "log.output_dir", "log.run_name", "log.progress", "log.trackers", "log.project",
+    "export.merged_dtype",
+})
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(section.key, old value, new value) for every key whose value differs, in recipe order."""
+    changes = []
+    for section in sections():
+        before, after = dataclasses.asdict(getattr(old, section)), dataclasses.asdict(getattr(new, section))
+        changes += [(f"{section}.{key}", before[key], after[key]) for key in before if before[key] != after[key]]
+    return changes
+
+
+def describe_change(key: str, old: Any, new: Any) -> str:
+    """`train.lr: 0.0005 -> 0.1` (values as TOML; an unset value as "unset")."""
+    show = lambda v: "unset" if v is None else toml_value(list(v) if isinstance(v, tuple) else v)  # noqa: E731
+    return f"{key}: {show(old)} -> {show(new)}"
+
+
+def check_resume(recipe: Recipe, ckpt: Path, world: int) -> None:
+    """Refuse to resume `ckpt` with a recipe that changes what the run is, or with another number of processes."""
+    saved = load_recipe(ckpt / "recipe.toml")
+    fixed = [describe_change(*c) for c in recipe_changes(saved, recipe) if c[0] not in RESUMABLE_KEYS]
+    if fixed:
+        raise UsageError(f"cannot resume {ckpt} with a changed recipe ({', '.join(fixed)}); restore these values, "
+                         "or set [log] run_name to start a new run")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if recipe.train.steps < state["step"]:
+        raise UsageError(f"[train] steps = {recipe.train.steps} is before the checkpoint's step {state['step']} ({ckpt}); "
+                         f"set train.steps >= {state['step']}")
+    saved_world = len(state.get("skip_schedule", [None]))
+    if saved_world != world:  # the skip schedules and sampling generators are per process
+        raise UsageError(f"{ckpt} was written by {saved_world} process(es); resume it with {saved_world} "
+                         f"(this run has {world})")

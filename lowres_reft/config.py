@@ -8,16 +8,15 @@ the fields of the matching dataclass; unknown sections/keys, wrong types and out
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lowres_reft.errors import ConfigError
+from lowres_reft.errors import ConfigError, did_you_mean
+from lowres_reft.typed_toml import coerce, read_value, toml_value, type_name
 
 # Sane bounds: an Adam learning rate above 1 only diverges; below MIN_TEMPERATURE logits / T overflow float32;
 # seeds must fit torch's 64-bit generator after the per-process offset.
@@ -185,6 +184,9 @@ class RolloutConfig:
     top_p: float = 1.0
     # Sequences generated at once (0 = the whole step's prompts_per_step * group_size).
     micro_batch: int = 0
+    # The sampling engine (lowres_reft.rollout.ENGINES), used for rollouts and evaluation: "loop" = the plain
+    # decode loop with a dynamic KV cache.
+    engine: str = "loop"
 
     def validate(self) -> None:
         _require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
@@ -194,18 +196,22 @@ class RolloutConfig:
                  f"must be >= {MIN_TEMPERATURE:g} (training samples; greedy is for eval; below that logits / T overflow)")
         _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         _require(self.micro_batch >= 0, "micro_batch", "must be >= 0")
+        from lowres_reft.rollout import ENGINES
+
+        _require_choice(self.engine, "engine", ENGINES)
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    correction: Literal["none", "tis", "seq_is", "retrace"] = "retrace"
+    # A name in the correction registry (lowres_reft.loss.CORRECTIONS): none, tis, seq_is, retrace.
+    correction: str = "retrace"
     # Cap on importance ratios (tis, seq_is, retrace); inf = uncapped (the one float key where inf is allowed).
     is_cap: float = field(default=2.0, metadata={"allow_inf": True})
     retrace_lambda: float = 1.0
     # "std": A = (R - mean) / (std + eps) (GRPO); "none": A = R - mean (Dr. GRPO).
-    advantage_scale: Literal["std", "none"] = "std"
+    advantage_scale: str = "std"
     advantage_eps: float = 1e-4
-    aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    aggregation: str = "token_mean"  # token_mean, seq_mean or dr_grpo (lowres_reft.loss.AGGREGATIONS)
     kl_beta: float = 0.0
     # PPO clipping against the first update's log-probs (only matters with updates_per_batch > 1).
     clip_eps: float = 0.2
@@ -215,6 +221,11 @@ class LossConfig:
     logprob_chunk: int = 1024
 
     def validate(self) -> None:
+        from lowres_reft import loss
+
+        _require_choice(self.correction, "correction", loss.CORRECTIONS)
+        _require_choice(self.advantage_scale, "advantage_scale", loss.ADVANTAGE_SCALES)
+        _require_choice(self.aggregation, "aggregation", loss.AGGREGATIONS)
         _require(self.is_cap > 0.0, "is_cap", "must be > 0 (use inf for no cap)")
         _require(0.0 <= self.retrace_lambda <= 1.0, "retrace_lambda", "must be in [0, 1]")
         _require(self.advantage_eps >= 0.0, "advantage_eps", "must be >= 0")
@@ -344,7 +355,7 @@ class Recipe:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The recipe as TOML-ready nested dicts (None values dropped, tuples as lists, inf kept)."""
         out: dict[str, dict[str, Any]] = {}
-        for section in _sections():
+        for section in sections():
             values = dataclasses.asdict(getattr(self, section))
             out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
         return out
@@ -367,69 +378,17 @@ def _require(condition: bool, key: str, problem: str) -> None:
         raise _KeyError(key, problem)
 
 
-def _sections() -> list[str]:
+def _require_choice(value: str, key: str, choices) -> None:
+    """`value` must name one of `choices` (a registry's keys, or a tuple of names)."""
+    _require(value in choices, key, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def sections() -> list[str]:
     return [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]
 
 
 def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f' (did you mean "{close[0]}"?)' if close else f" (known: {', '.join(sorted(choices))})"
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a table, e.g. { key = 1 }"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return `value` converted to `tp`, or raise TypeError. TOML already gives typed values."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in (a for a in typing.get_args(tp) if a is not type(None)):
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                pass
-        raise TypeError
-    if origin is Literal:
-        if value in typing.get_args(tp) and isinstance(value, str):
-            return value
-        raise TypeError
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError
-        return tuple(_coerce(v, typing.get_args(tp)[0]) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and value.lower() in ("inf", "+inf"):
-            return math.inf
-        raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError
-    if origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise TypeError
-    raise AssertionError(f"unsupported config type {tp}")
+    return did_you_mean(name, choices) or f" (known: {', '.join(sorted(choices))})"
 
 
 def _build_section(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
@@ -440,10 +399,10 @@ def _build_section(cls: type, values: dict[str, Any], section: str, source: str)
         if key not in names:
             raise ConfigError(f"{source}: unknown key [{section}] {key}{_did_you_mean(key, names)}")
         try:
-            kwargs[key] = _coerce(value, hints[key])
+            kwargs[key] = coerce(value, hints[key])
         except TypeError:
             raise ConfigError(
-                f"{source}: [{section}] {key} must be {_type_name(hints[key])}, got {value!r}"
+                f"{source}: [{section}] {key} must be {type_name(hints[key])}, got {value!r}"
             ) from None
     for f in dataclasses.fields(cls):
         value = kwargs.get(f.name)
@@ -465,33 +424,19 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.steps=20")
     dotted, raw = text.split("=", 1)
     section, key = dotted.strip().split(".", 1)
-    section, key, raw = section.strip(), key.strip(), raw.strip()
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    if not isinstance(value, str) and _wants_string(section, key):
-        value = raw  # --set log.run_name=nan means the name "nan", not a float
-    return section, key, value
-
-
-def _wants_string(section: str, key: str) -> bool:
-    section_cls = typing.get_type_hints(Recipe).get(section)
-    if section_cls is None or not dataclasses.is_dataclass(section_cls):
-        return False
-    tp = typing.get_type_hints(section_cls).get(key)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp is str or typing.get_origin(tp) is Literal
+    section_cls = typing.get_type_hints(Recipe).get(section.strip())
+    tp = typing.get_type_hints(section_cls).get(key.strip()) if dataclasses.is_dataclass(section_cls) else None
+    # --set log.run_name=nan means the name "nan", not a float
+    return section.strip(), key.strip(), read_value(raw.strip(), tp)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
-    sections = _sections()
+    names = sections()
     hints = typing.get_type_hints(Recipe)
     built: dict[str, Any] = {}
     for section, values in data.items():
-        if section not in sections:
-            raise ConfigError(f"{source}: unknown section [{section}]{_did_you_mean(section, sections)}")
+        if section not in names:
+            raise ConfigError(f"{source}: unknown section [{section}]{_did_you_mean(section, names)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{section}] must be a table of keys, got {values!r}")
         built[section] = _build_section(hints[section], values, section, source)
@@ -544,67 +489,6 @@ def recipe_to_toml(recipe: Recipe) -> str:
     for section, values in recipe.to_dict().items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return '"' + "".join(_toml_char(c) for c in value) + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise AssertionError(f"cannot write {value!r} as TOML")
-
-
-_TOML_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
-
-
-def _toml_char(c: str) -> str:
-    """One character of a TOML basic string: TOML forbids raw control characters (and DEL) in strings."""
-    if c in _TOML_ESCAPES:
-        return _TOML_ESCAPES[c]
-    if ord(c) < 0x20 or ord(c) == 0x7F:
-        return f"\\u{ord(c):04x}"
-    return c
-
-
-# Recipe keys that may differ when a run is resumed (`run --resume`): how long it runs, how often it evaluates,
-# checkpoints and logs, where it writes, memory knobs that do not change the math, and export settings. Every other
-# key determines the run (model, LoRA, data, behavior, rollout, reward, loss, optimizer, seed, ...) and is fixed
-# by its first checkpoint. train.steps may change: the LR schedule's total becomes the new steps from the resumed
-# update on (a "constant" schedule is unaffected; a decaying one continues along the new horizon).
-RESUMABLE_KEYS = frozenset({
-    "train.steps", "train.micro_batch_size", "train.gradient_checkpointing",
-    "rollout.micro_batch", "loss.logprob_chunk",
-    "data.eval_split", "data.max_eval_samples",
-    "eval.every", "eval.max_new_tokens", "eval.batch_size", "eval.before_training",
-    "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume",
-    "log.output_dir", "log.run_name", "log.progress", "log.trackers", "log.project",
-    "export.merged_dtype",
-})
-
-
-def recipe_changes(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
-    """(section.key, old value, new value) for every key whose value differs, in recipe order."""
-    changes = []
-    for section in _sections():
-        before, after = dataclasses.asdict(getattr(old, section)), dataclasses.asdict(getattr(new, section))
-        changes += [(f"{section}.{key}", before[key], after[key]) for key in before if before[key] != after[key]]
-    return changes
-
-
-def describe_change(key: str, old: Any, new: Any) -> str:
-    """`train.lr: 0.0005 -> 0.1` (values as TOML; an unset value as "unset")."""
-    show = lambda v: "unset" if v is None else _toml_value(list(v) if isinstance(v, tuple) else v)  # noqa: E731
-    return f"{key}: {show(old)} -> {show(new)}"

@@ -52,7 +52,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 from lowres_reft.errors import UsageError
@@ -62,64 +61,7 @@ DEFAULT_DATA = "gsm8k"
 DEFAULT_SPLIT = "test"
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_BATCH_SIZE = 32
-CONFIDENCE = 0.95
 _TRAIN_HINT = "train first with `lowres-reft run <recipe>`"
-
-
-# ------------------------------------------------------------------------------------------ statistics
-
-
-def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval for a proportion `successes / n` at two-sided level `confidence`.
-
-    center = (p + z^2 / 2n) / (1 + z^2 / n), half width = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2),
-    with p = successes / n and z the (1 + confidence) / 2 normal quantile (1.96 for 95%).
-    """
-    if n <= 0:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0.0 <= successes <= n:
-        raise ValueError(f"successes must be in [0, n], got {successes} of {n}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    denom = 1.0 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
-    low = 0.0 if successes == 0 else max(0.0, center - half)  # exact at the ends (no rounding residue)
-    high = 1.0 if successes == n else min(1.0, center + half)
-    return low, high
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from `n` samples of which `c` are correct: 1 - C(n - c, k) / C(n, k) (Chen et al., 2021)."""
-    if not 1 <= k <= n:
-        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
-    if not 0 <= c <= n:
-        raise ValueError(f"need 0 <= c <= n, got c={c}, n={n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def summarize(correct: list[list[bool]], k: int, confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """pass@k and mean per-sample accuracy (with Wilson intervals) of per-problem correctness flags."""
-    if not correct:
-        raise ValueError("no problems to summarize")
-    n = len(correct)
-    scores = [pass_at_k(len(flags), sum(flags), k) for flags in correct]
-    per_sample = [sum(flags) / len(flags) for flags in correct]
-    pass_k, mean_acc = sum(scores) / n, sum(per_sample) / n
-    return {
-        "n": n,
-        "k": k,
-        "pass_at_k": pass_k,
-        "pass_at_k_ci": list(wilson_interval(min(float(n), sum(scores)), n, confidence)),
-        "mean_accuracy": mean_acc,
-        "mean_accuracy_ci": list(wilson_interval(min(float(n), sum(per_sample)), n, confidence)),
-        "problems_solved": sum(1 for flags in correct if any(flags)),
-        "scores": scores,
-    }
 
 
 # ---------------------------------------------------------------------------------------------- target
@@ -222,8 +164,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "with --k samples completions and reports pass@k. Writes per-problem predictions as JSONL.",
     )
     p.add_argument("target", help="runs/<run>/checkpoint-NNNNNN, runs/<run>, a model dir, a hub name, or builtin:tiny")
-    p.add_argument("--data", help="dataset: gsm8k, svamp, math12k, math500, builtin:arithmetic, builtin:reasoning, jsonl, parquet, csv "
-                                  "(default: a checkpoint's recipe [data], else gsm8k)")
+    from lowres_reft.data import KNOWN_DATASETS
+
+    p.add_argument("--data", help=f"dataset: {', '.join(KNOWN_DATASETS)} (default: a checkpoint's recipe [data], else gsm8k)")
     p.add_argument("--data-path", help="local copy of the dataset (file or directory); required for jsonl/parquet/csv")
     p.add_argument("--split", help="split to evaluate (default: a checkpoint's eval_split, else test)")
     p.add_argument("--n", type=int, help="evaluate the first N problems of the (seeded-shuffled) split (default: all)")
@@ -343,84 +286,40 @@ def _check_out(out: Path) -> None:
     if out.is_dir():
         raise UsageError(f"--out {out}: is a directory; give a file name (e.g. {out / 'preds.jsonl'})")
     parent = out.parent if str(out.parent) else Path(".")
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    from lowres_reft.fsutil import nearest_existing, writable_dir
+
+    existing = nearest_existing(parent)
+    if not writable_dir(existing):
         raise UsageError(f"--out {out}: cannot write in {existing}")
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from lowres_reft.fsutil import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------- model
 
 
-def load_target(target: Target, args: argparse.Namespace):
-    """A `model.Policy` for the target (for plain models: the HF model without LoRA, trainable_params = 0)."""
+def model_config(target: Target, args: argparse.Namespace):
+    """The ModelConfig to load the target with: a checkpoint's recipe with the flags applied, else the flags."""
     import torch
 
     from lowres_reft.config import ModelConfig
-    from lowres_reft.model import Policy, load_base_model, load_policy, load_tokenizer, model_path, resolve_device
 
     if target.kind == "checkpoint":
-        recipe = target.recipe
-        model_cfg = recipe.model
+        model_cfg = target.recipe.model
         changes = {k: v for k, v in (("load_in_4bit", args.load_in_4bit), ("dtype", args.dtype), ("device", args.device))
                    if v is not None}
         if "device" not in changes and model_cfg.device == "cuda" and not torch.cuda.is_available():
             changes["device"] = "cpu"  # like export: a CUDA-trained checkpoint still evaluates on the CPU
-        model_cfg = dataclasses.replace(model_cfg, **changes)
-        policy = load_policy(model_cfg, recipe.lora, target.cache_dir, adapter_dir=target.checkpoint / "adapter")
-        policy.model.eval()
-        return policy, model_cfg
+        return dataclasses.replace(model_cfg, **changes)
     model_cfg = ModelConfig(name=target.name, dtype=args.dtype or "auto", load_in_4bit=bool(args.load_in_4bit),
                             device=args.device or "auto")
     if target.kind == "builtin":
         model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype or "float32")
-    device = resolve_device(model_cfg)
-    name_or_path = model_path(model_cfg, target.cache_dir or ".")
-    tokenizer = load_tokenizer(name_or_path, model_cfg)
-    model = load_base_model(model_cfg, name_or_path, device)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model.eval()
-    total = sum(p.numel() for p in model.parameters())
-    return Policy(model=model, tokenizer=tokenizer, device=device, trainable_params=0, total_params=total), model_cfg
-
-
-def generate(policy, prompts: list[list[int]], settings: Settings, eos_ids: list[int], progress=None) -> list[dict]:
-    """`settings.samples` completions per prompt; returns one dict per completion (problem-major order)."""
-    import torch
-
-    from lowres_reft.evaluate import decode_completions
-    from lowres_reft.rollout import sample
-
-    rows = [i for i in range(len(prompts)) for _ in range(settings.samples)]
-    generator = None if settings.greedy else torch.Generator(device=policy.device).manual_seed(settings.seed)
-    out: list[dict] = []
-    for lo in range(0, len(rows), settings.batch_size):
-        chunk = rows[lo : lo + settings.batch_size]
-        batch = sample(policy.model, [prompts[i] for i in chunk], max_new_tokens=settings.max_new_tokens, eos_ids=eos_ids,
-                       pad_id=policy.tokenizer.pad_token_id, temperature=settings.temperature or 1.0,
-                       top_p=settings.top_p, generator=generator, greedy=settings.greedy)
-        texts = decode_completions(policy.tokenizer, batch.completion_ids, batch.completion_mask)
-        lengths = batch.completion_mask.sum(1).long().tolist()
-        for text, length, truncated in zip(texts, lengths, batch.truncated.tolist()):
-            out.append({"text": text, "tokens": int(length), "truncated": bool(truncated)})
-        if progress is not None:
-            progress(len(out), len(rows))
-    return out
+    return model_cfg
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -442,14 +341,21 @@ def run(args: argparse.Namespace) -> int:
     _check_out(out)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
 
+    import torch
+
     from lowres_reft.config import Recipe
-    from lowres_reft.data import load_problems
-    from lowres_reft.rewards import extract_answer, is_equivalent
-    from lowres_reft.trainer import encode_prompts, eos_token_ids
+    from lowres_reft.data import encode_prompts, load_problems
+    from lowres_reft.evaluation import CONFIDENCE, sample_completions, score_completions
+    from lowres_reft.model import eos_token_ids, load_policy
+    from lowres_reft.rollout import check_generation_length, make_engine
 
     problems = load_problems(data_cfg, "eval")
-    policy, model_cfg = load_target(target, args)
-    from lowres_reft.rollout import check_generation_length
+    model_cfg = model_config(target, args)
+    if target.kind == "checkpoint":  # the recipe's base + the checkpoint's adapter, exactly as during training
+        policy = load_policy(model_cfg, target.recipe.lora, target.cache_dir, adapter_dir=target.checkpoint / "adapter")
+    else:  # a plain model: no LoRA, nothing trains
+        policy = load_policy(model_cfg, None, target.cache_dir or ".")
+    policy.model.eval()
 
     check_generation_length(policy.model, "--max-new-tokens", settings.max_new_tokens)
     recipe = dataclasses.replace(target.recipe or Recipe(), data=data_cfg)
@@ -476,22 +382,14 @@ def run(args: argparse.Namespace) -> int:
             last[0] = done
             print(f"  {done}/{total} completions, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
+    generator = None if settings.greedy else torch.Generator(device=policy.device).manual_seed(settings.seed)
+    engine = make_engine(recipe.rollout.engine, policy.model, max_new_tokens=settings.max_new_tokens, eos_ids=eos_ids,
+                         pad_id=policy.tokenizer.pad_token_id, temperature=settings.temperature or 1.0,
+                         top_p=settings.top_p, generator=generator, greedy=settings.greedy)
     t0 = time.perf_counter()
-    completions = generate(policy, prompts, settings, eos_ids, progress)
+    completions = sample_completions(engine, policy.tokenizer, prompts, settings.samples, settings.batch_size, progress)
     gen_seconds = time.perf_counter() - t0
-
-    rows, flags = [], []
-    for i, problem in enumerate(problems):
-        mine = completions[i * settings.samples : (i + 1) * settings.samples]
-        answers = [extract_answer(c["text"]) for c in mine]
-        correct = [bool(is_equivalent(a, problem.answer)) for a in answers]
-        flags.append(correct)
-        rows.append({"index": i, "question": problem.question, "gold": problem.answer,
-                     "completions": [c["text"] for c in mine], "answers": answers, "correct": correct,
-                     "truncated": [c["truncated"] for c in mine], "tokens": [c["tokens"] for c in mine]})
-    stats = summarize(flags, settings.k)
-    for row, score in zip(rows, stats["scores"]):
-        row["score"] = score
+    rows, stats = score_completions(problems, completions, settings.samples, settings.k)
     write_jsonl_atomic(out, rows)
 
     n = stats["n"]

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from lowres_reft.errors import UsageError
+from lowres_reft.fsutil import nearest_existing, writable_dir
 from lowres_reft.modelcard import write_model_card
 
 MERGED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -118,10 +119,8 @@ def _check_output(out: Path) -> None:
         raise UsageError(f"{out}: output path exists and is not a directory; choose a new path")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"{out}: output directory exists and is not empty; choose a new path or remove it")
-    existing = out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):  # the temp dir is made beside `out`
+    existing = nearest_existing(out.parent)
+    if not writable_dir(existing):  # the temp dir is made beside `out`
         raise UsageError(f"{out}: cannot write there ({existing} is not a writable directory)")
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lowres_reft.errors import UsageError
-from lowres_reft.model import decoder_stack, unwrap
+from lowres_reft.layers import decoder_stack, unwrap
 
 
 def _softcap(logits: Tensor, cap: float) -> Tensor:

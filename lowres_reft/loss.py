@@ -23,12 +23,13 @@ float32). Masks may be bool, int or float (nonzero = real token).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-CORRECTIONS = ("none", "tis", "seq_is", "retrace")
 AGGREGATIONS = ("token_mean", "seq_mean", "dr_grpo")
 ADVANTAGE_SCALES = ("std", "none")
 
@@ -38,6 +39,29 @@ class CorrectionOutput:
     weights: Tensor  # (B, T) w_t, no grad, 0 where mask == 0
     log_rho: Tensor  # (B, T) logp.detach() - behavior_logp, 0 where mask == 0
     stats: dict[str, float]  # rho_mean, rho_min, rho_max, is_truncated_frac, ess, trace_mean
+
+
+class CorrectionParams(NamedTuple):
+    """What a correction reads from the loss config (a `config.LossConfig` has the same fields)."""
+
+    is_cap: float = 2.0
+    retrace_lambda: float = 1.0
+
+
+# A correction: (log_rho (B, T), mask m (B, T) bool, loss config) -> (weights (B, T) 0 where ~m,
+# is_truncated_frac, trace_mean). Registered by name; [loss] correction is validated against this registry.
+Correction = Callable[[Tensor, Tensor, Any], "tuple[Tensor, float, float]"]
+CORRECTIONS: dict[str, Correction] = {}
+
+
+def correction(name: str) -> Callable[[Correction], Correction]:
+    """Register a correction under `name` (usable as [loss] correction = "name")."""
+
+    def register(fn: Correction) -> Correction:
+        CORRECTIONS[name] = fn
+        return fn
+
+    return register
 
 
 def _dtype(x: Tensor) -> torch.dtype:
@@ -117,29 +141,11 @@ def correction_weights(
     of prod_{s>t} c_s over masked tokens, NaN for the other methods.
     """
     if method not in CORRECTIONS:
-        raise ValueError(f"unknown correction {method!r}; expected one of {CORRECTIONS}")
+        raise ValueError(f"unknown correction {method!r}; expected one of {tuple(CORRECTIONS)}")
     dtype = _dtype(logp)
     m = mask != 0
     log_rho = torch.where(m, logp.detach().to(dtype) - behavior_logp.detach().to(dtype), 0.0)
-    log_cap = math.log(is_cap)  # inf when uncapped
-    trace_mean = float("nan")
-    if method == "none":
-        weights, truncated = m.to(dtype), 0.0
-    elif method == "tis":
-        weights = torch.where(m, log_rho.clamp(max=log_cap).exp(), 0.0)
-        truncated = _frac(log_rho > log_cap, m)
-    elif method == "seq_is":
-        log_w = log_rho.sum(1, keepdim=True)  # (B, 1) log prod_t rho_t
-        weights = torch.where(m, log_w.clamp(max=log_cap).exp(), 0.0)
-        truncated = _frac(log_w.squeeze(1) > log_cap, m.any(1))
-    else:
-        log_lambda = math.log(retrace_lambda) if retrace_lambda > 0 else -math.inf
-        log_c = torch.where(m, log_rho.clamp(max=0.0) + log_lambda, 0.0)  # log c_s; c = 1 on padding
-        suffix = log_c.flip(1).cumsum(1).flip(1)  # sum_{s>=t} log c_s
-        log_trace = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], 1)  # sum_{s>t}, no inf-inf
-        weights = torch.where(m, (log_rho.clamp(max=log_cap) + log_trace).exp(), 0.0)
-        truncated = _frac(log_rho > log_cap, m)
-        trace_mean = float(log_trace.exp()[m].double().mean()) if m.any() else float("nan")
+    weights, truncated, trace_mean = CORRECTIONS[method](log_rho, m, CorrectionParams(is_cap, retrace_lambda))
     rho = log_rho[m].double().exp()
     empty = rho.numel() == 0
     stats = {
@@ -151,6 +157,38 @@ def correction_weights(
         "trace_mean": trace_mean,
     }
     return CorrectionOutput(weights=weights, log_rho=log_rho, stats=stats)
+
+
+@correction("none")
+def _no_correction(log_rho: Tensor, m: Tensor, cfg) -> tuple[Tensor, float, float]:
+    return m.to(log_rho.dtype), 0.0, float("nan")
+
+
+@correction("tis")
+def _token_is(log_rho: Tensor, m: Tensor, cfg) -> tuple[Tensor, float, float]:
+    log_cap = math.log(cfg.is_cap)  # inf when uncapped
+    weights = torch.where(m, log_rho.clamp(max=log_cap).exp(), 0.0)
+    return weights, _frac(log_rho > log_cap, m), float("nan")
+
+
+@correction("seq_is")
+def _sequence_is(log_rho: Tensor, m: Tensor, cfg) -> tuple[Tensor, float, float]:
+    log_cap = math.log(cfg.is_cap)
+    log_w = log_rho.sum(1, keepdim=True)  # (B, 1) log prod_t rho_t
+    weights = torch.where(m, log_w.clamp(max=log_cap).exp(), 0.0)
+    return weights, _frac(log_w.squeeze(1) > log_cap, m.any(1)), float("nan")
+
+
+@correction("retrace")
+def _retrace(log_rho: Tensor, m: Tensor, cfg) -> tuple[Tensor, float, float]:
+    log_cap = math.log(cfg.is_cap)
+    log_lambda = math.log(cfg.retrace_lambda) if cfg.retrace_lambda > 0 else -math.inf
+    log_c = torch.where(m, log_rho.clamp(max=0.0) + log_lambda, 0.0)  # log c_s; c = 1 on padding
+    suffix = log_c.flip(1).cumsum(1).flip(1)  # sum_{s>=t} log c_s
+    log_trace = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], 1)  # sum_{s>t}, no inf-inf
+    weights = torch.where(m, (log_rho.clamp(max=log_cap) + log_trace).exp(), 0.0)
+    trace_mean = float(log_trace.exp()[m].double().mean()) if m.any() else float("nan")
+    return weights, _frac(log_rho > log_cap, m), trace_mean
 
 
 def policy_objective(

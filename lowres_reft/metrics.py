@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lowres_reft.errors import UsageError
+from lowres_reft.fsutil import atomic_write_text
 
 PROGRESS_KEYS = (("reward", "reward_mean"), ("acc", "rollout_accuracy"), ("tok/s", "rollout_tokens_per_s"),
                  ("ess", "ess"), ("loss", "loss"))
@@ -56,9 +57,7 @@ class MetricsLog:
                 continue  # a torn line from a killed process
             if record.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one line with a single write(); on failure the file is cut back so no torn line stays."""
@@ -161,3 +160,37 @@ class Progress:
             self.inner = None
         if self.bar is not None:
             self.bar.close()
+
+
+# How per-process values combine: sums (losses are already normalized by global counts), extremes, or means.
+_SUMMED = {"rollout_tokens", "rollout_tokens_per_s", "loss", "kl", "correct", "reward_timeouts"}
+_MIN, _MAX = {"rho_min"}, {"rho_max", "peak_mem_mb", "step_seconds", "rollout_seconds"}
+_SAME = {"step", "stage", "grad_norm", "update_skipped", "skipped_updates", "lr", "skip_ratio"}
+
+
+def merge_records(records: list[dict]) -> dict:
+    """One metrics line from every process's step_record: tokens/s summed, rewards averaged, skip sets listed."""
+    import torch
+
+    first = records[0]
+    rewards = torch.tensor([x for r in records for x in r["rewards"]])
+    merged = {"step": first["step"], "stage": first["stage"], "reward_mean": float(rewards.mean()),
+              "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+              "rollout_accuracy": sum(r["correct"] for r in records) / rewards.numel()}
+    for key, value in first.items():
+        if key in merged or key in ("rewards", "correct"):
+            continue
+        values = [r[key] for r in records]
+        if key in ("skip_set", "skip_sets"):
+            merged[key] = value if len(records) == 1 else values  # per process: an ensemble of nested models
+        elif key in _SAME:
+            merged[key] = value
+        elif key in _SUMMED:
+            merged[key] = sum(values)
+        elif key in _MIN:
+            merged[key] = min(values)
+        elif key in _MAX:
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged

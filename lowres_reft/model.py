@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from lowres_reft.config import LoraConfig, ModelConfig
-from lowres_reft.errors import UsageError
+from lowres_reft.errors import UsageError, first_line
+from lowres_reft.layers import LayerStack
 from lowres_reft.tiny import TINY_NAME, ensure_tiny_model
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,7 +30,7 @@ class Policy:
 
     @property
     def num_layers(self) -> int:
-        return len(decoder_stack(self.model).layers)
+        return LayerStack(self.model).count
 
 
 def resolve_device(cfg: ModelConfig) -> torch.device:
@@ -82,7 +83,7 @@ def _hub_call(fn, name: str):
     try:
         return fn()
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err) or type(err).__name__
         if "attention implementation" in first:  # e.g. Gemma 2 has no SDPA path: not a download problem
             raise UsageError(f"cannot load model {name!r} ({first[:200]}); set [model] attn_implementation = \"eager\"") from None
         if Path(name).expanduser().is_dir():  # a local directory: the network is not the problem
@@ -142,13 +143,14 @@ def load_base_model(cfg: ModelConfig, name_or_path: str, device: torch.device):
 
 def load_policy(
     model_cfg: ModelConfig,
-    lora_cfg: LoraConfig,
+    lora_cfg: LoraConfig | None,
     cache_dir: str | Path = "runs",
     adapter_dir: str | Path | None = None,
     gradient_checkpointing: bool = False,
     seed: int = 0,
 ) -> Policy:
-    """Tokenizer + frozen base + LoRA (fresh, or loaded from `adapter_dir`). Adapter params require grad."""
+    """Tokenizer + frozen base + LoRA (fresh from `lora_cfg`, or loaded from `adapter_dir`). Adapter params require
+    grad. With neither (`lora_cfg` None, no `adapter_dir`): the plain model, nothing trains (`lowres-reft eval`)."""
     from peft import PeftModel
 
     device = resolve_device(model_cfg)
@@ -165,8 +167,10 @@ def load_policy(
         base.enable_input_require_grads()
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
-    else:
+    elif lora_cfg is not None:
         model = add_lora(base, lora_cfg, seed)
+    else:
+        model = base
     disable_cpu_bf16_repack(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(_stored_numel(p) for p in model.parameters())
@@ -216,15 +220,9 @@ def _stored_numel(param: torch.Tensor) -> int:
     return param.numel()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers causal LM (`...ForCausalLM`) inside a peft wrapper, or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def decoder_stack(model: nn.Module) -> nn.Module:
-    """The module holding the decoder layers (`.layers`) and the config, e.g. `Qwen2Model`."""
-    inner = unwrap(model)
-    stack = getattr(inner, "model", inner)
-    if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
-        raise UsageError(f"{type(inner).__name__}: unsupported architecture (no model.layers decoder stack to skip layers in)")
-    return stack
+def eos_token_ids(policy: Policy) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the generation config's."""
+    ids = {policy.tokenizer.eos_token_id}
+    configured = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)

@@ -32,7 +32,7 @@ def eval_line(entry: dict[str, Any] | None) -> str:
     """'0.625 on 200 problems (95% Wilson interval 0.556-0.690), step 60 (final)' or 'not evaluated'."""
     if not entry or not entry.get("n"):
         return "not evaluated"
-    from lowres_reft.evalcmd import wilson_interval
+    from lowres_reft.evaluation import wilson_interval
 
     n, accuracy = int(entry["n"]), float(entry["accuracy"])
     low, high = wilson_interval(round(accuracy * n), n)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lowres_reft.model import decoder_stack
+from lowres_reft.layers import LayerStack
 
 
 def valid_layers(num_layers: int, protect_first: int, protect_last: int) -> list[int]:
@@ -97,39 +97,5 @@ def adapt_skip_ratio(ratio: float, ess: float, target_ess: float, rate: float, m
 @contextmanager
 def skip_layers(model: nn.Module, skip: Sequence[int]) -> Iterator[nn.Module]:
     """Run `model` with the decoder layers in `skip` bypassed (hidden state passes through unchanged)."""
-    stack = decoder_stack(model)
-    layers = stack.layers
-    skip_set = set(skip)
-    if not skip_set:
+    with LayerStack(model).kept(skip):
         yield model
-        return
-    num_layers = len(layers)
-    assert all(0 <= i < num_layers for i in skip_set), f"skip set {sorted(skip_set)} out of range 0..{num_layers - 1}"
-    assert len(skip_set) < num_layers, "cannot skip every layer"
-    config = stack.config
-    kept = [i for i in range(num_layers) if i not in skip_set]
-    saved_types = getattr(config, "layer_types", None)
-    saved_count = config.num_hidden_layers
-    renumbered = [
-        (module, module.layer_idx)
-        for new_idx, old_idx in enumerate(kept)
-        for module in layers[old_idx].modules()
-        if isinstance(getattr(module, "layer_idx", None), int)
-    ]
-    try:
-        stack.layers = nn.ModuleList([layers[i] for i in kept])
-        config.num_hidden_layers = len(kept)
-        if saved_types is not None:
-            config.layer_types = [saved_types[i] for i in kept]
-        for new_idx, old_idx in enumerate(kept):
-            for module in layers[old_idx].modules():
-                if isinstance(getattr(module, "layer_idx", None), int):
-                    module.layer_idx = new_idx
-        yield model
-    finally:
-        stack.layers = layers
-        config.num_hidden_layers = saved_count
-        if saved_types is not None:
-            config.layer_types = saved_types
-        for module, old_idx in renumbered:
-            module.layer_idx = old_idx

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from lowres_reft.data import Problem
+from lowres_reft.problems import Problem
 
 # Seed of the held-out set: fixed, so every run evaluates on the same problems.
 REASONING_EVAL_SEED = 4321

@@ -75,7 +75,7 @@ def _close(task: str, reasoning_gym) -> str:
 
 def load_reasoning_gym(cfg, split: str) -> list:
     """The `split` ("train"/"eval") problems of `cfg.name` = "reasoning_gym:<task>" (a DataConfig)."""
-    from lowres_reft.data import Problem
+    from lowres_reft.problems import Problem
 
     task = cfg.name.strip()[len(PREFIX):]
     if not task:
@@ -97,7 +97,7 @@ def load_reasoning_gym(cfg, split: str) -> list:
 
 def completion_answer(completion: str) -> str | None:
     """The answer a completion gives: its last <answer>...</answer>, else our math extractor's pick."""
-    from lowres_reft.rewards import extract_answer
+    from lowres_reft.answers import extract_answer
 
     tagged = _ANSWER_TAG.findall(completion)
     if tagged:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lowres_reft.fsutil import atomic_write
 from lowres_reft.metrics import read_metrics
 
 
@@ -34,8 +35,8 @@ def write_report(run_dir: Path) -> Path:
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     path = run_dir / "report.png"
-    tmp = run_dir / "report.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path

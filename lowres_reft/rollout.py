@@ -1,4 +1,8 @@
-"""The sampling loop: completions plus the behavior log-prob of every sampled token.
+"""The sampling seam: engines (`Engine.generate(prompts, skip) -> RolloutBatch`) and the default one's loop,
+which gives completions plus the behavior log-prob of every sampled token.
+
+Everything that samples (training rollouts, eval during training, `lowres-reft eval`, `bench`) builds an engine with
+`make_engine([rollout] engine, model, ...)`; "loop" (`LoopEngine`, the `sample` loop below) is the default.
 
 Behavior log-probs are recorded inside the loop (no extra forward pass) under exactly the distribution
 sampled from: log_softmax(logits / temperature), and with top_p < 1 the nucleus-truncated, renormalized
@@ -13,13 +17,14 @@ import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lowres_reft.errors import UsageError
 from lowres_reft.logprobs import head_logits
-from lowres_reft.model import decoder_stack
+from lowres_reft.layers import decoder_stack
 from lowres_reft.nested import skip_layers
 
 
@@ -206,3 +211,47 @@ def sample(
         skip=tuple(skip),
         seconds=time.perf_counter() - start,
     )
+
+
+# ------------------------------------------------------------------------------------------------ engines
+
+
+class Engine(Protocol):
+    """The one sampling seam: the trainer, eval during training, `lowres-reft eval` and `bench` all call an engine.
+
+    An engine is built for one sampling setup (model, length, temperature, seeded generator, ...) and then asked
+    for completions of token-id prompts from the model with the decoder layers in `skip` bypassed. A faster
+    engine (e.g. a static KV cache) is one new class registered in ENGINES and chosen by `[rollout] engine`.
+    """
+
+    def generate(self, prompts: list[list[int]], skip: tuple[int, ...] = ()) -> RolloutBatch: ...
+
+
+@dataclass
+class LoopEngine:
+    """The default engine: `sample`, a plain decode loop over the (nested) model with a dynamic KV cache."""
+
+    model: nn.Module
+    max_new_tokens: int
+    eos_ids: list[int]
+    pad_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    greedy: bool = False
+    micro_batch: int = 0
+    on_micro_batch: Callable[[int, int, int], None] | None = None
+
+    def generate(self, prompts: list[list[int]], skip: tuple[int, ...] = ()) -> RolloutBatch:
+        return sample(self.model, prompts, max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                      temperature=self.temperature, top_p=self.top_p, skip=skip, generator=self.generator,
+                      greedy=self.greedy, micro_batch=self.micro_batch, on_micro_batch=self.on_micro_batch)
+
+
+# Engines by the name `[rollout] engine` gives; the recipe is validated against these keys.
+ENGINES: dict[str, Callable[..., Engine]] = {"loop": LoopEngine}
+
+
+def make_engine(name: str, model: nn.Module, **settings) -> Engine:
+    """The engine registered as `name`, for `model`, with the LoopEngine-style keyword settings."""
+    return ENGINES[name](model, **settings)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -37,6 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from lowres_reft.fsutil import publish_dir
+from lowres_reft.schedules import warmup_cosine
 
 TINY_NAME = "builtin:tiny"
 PAD, EOS = "<pad>", "<|endoftext|>"
@@ -331,10 +333,11 @@ def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) 
     step through `lowres_reft.nested.skip_layers`, the behavior policy's own mechanism. Deterministic in `seed`
     (and the torch RNG state, for the initial weights). Returns the loss of every step.
     """
+    from lowres_reft.layers import LayerStack
     from lowres_reft.nested import skip_layers
 
     vocab = char_vocab(tokenizer)
-    middle = list(range(1, model.config.num_hidden_layers - 1))
+    middle = list(range(1, LayerStack(model).count - 1))
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(phase.steps for phase in settings.phases)
     losses: list[float] = []
@@ -345,10 +348,7 @@ def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) 
         opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
 
         def factor(step: int, phase: PretrainPhase = phase) -> float:
-            if step < phase.warmup:
-                return (step + 1) / phase.warmup
-            progress = (step - phase.warmup) / max(1, phase.steps - phase.warmup)
-            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return warmup_cosine(step, phase.warmup, phase.steps, floor=0.1)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         for step in range(phase.steps):
@@ -421,10 +421,5 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race; its copy is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_dir(tmp, target)  # another process may have won the race; its copy is identical
     return target

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import resource
 import signal
@@ -20,18 +19,20 @@ from pathlib import Path
 import torch
 
 from lowres_reft import loss as L
-from lowres_reft.checkpoint import latest_good_checkpoint, list_checkpoints, load_trainer_files, save_checkpoint
-from lowres_reft.config import RESUMABLE_KEYS, LossConfig, Recipe, describe_change, load_recipe, recipe_changes, recipe_to_toml
-from lowres_reft.data import Problem, format_prompt, load_problems
+from lowres_reft.checkpoint import check_resume, latest_good_checkpoint, list_checkpoints, load_trainer_files, save_checkpoint
+from lowres_reft.config import LossConfig, Recipe, recipe_to_toml
+from lowres_reft.builders import build_engine, build_lr_scheduler, build_optimizer, build_skip_schedule, trainable
+from lowres_reft.data import Problem, encode_prompts, load_problems
 from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.errors import UsageError
-from lowres_reft.evaluate import decode_completions, evaluate
+from lowres_reft.evaluation import decode_completions, evaluate
+from lowres_reft.fsutil import atomic_write_text, nearest_existing, writable_dir
 from lowres_reft.logprobs import check_head_logits, completion_logp
-from lowres_reft.metrics import MetricsLog, MetricsWriteError, Progress
-from lowres_reft.model import Policy, check_model_name, load_policy, model_path
-from lowres_reft.nested import SkipSchedule, adapt_skip_ratio
+from lowres_reft.metrics import MetricsLog, MetricsWriteError, Progress, merge_records
+from lowres_reft.model import Policy, check_model_name, eos_token_ids, load_policy, model_path
+from lowres_reft.nested import adapt_skip_ratio
 from lowres_reft.rewards import resolve_rewards, score
-from lowres_reft.rollout import RolloutBatch, check_generation_length, sample
+from lowres_reft.rollout import Engine, RolloutBatch, check_generation_length, make_engine
 from lowres_reft.rundir import RunLock, check_not_locked
 from lowres_reft.tracking import check_trackers, open_trackers
 
@@ -43,23 +44,6 @@ class ScoredBatch:
     advantages: torch.Tensor  # (N,) float32
     correct: list[bool]
     reward_timeouts: int = 0  # reward calls abandoned after [reward] timeout_s (scored 0)
-
-
-def encode_prompts(tokenizer, problems: list[Problem], recipe: Recipe) -> list[list[int]]:
-    """Formatted, tokenized prompts; over-long prompts keep their end (where the question is asked)."""
-    limit = recipe.data.max_prompt_tokens
-    out = []
-    for problem in problems:
-        ids = tokenizer(format_prompt(tokenizer, problem.question, recipe.data), add_special_tokens=False)["input_ids"]
-        out.append(ids[-limit:])
-    return out
-
-
-def eos_token_ids(policy: Policy) -> list[int]:
-    ids = {policy.tokenizer.eos_token_id}
-    configured = getattr(getattr(policy.model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
 
 
 def prompt_indices(step: int, accum: int, recipe: Recipe, n: int) -> list[int]:
@@ -75,65 +59,17 @@ def prompt_indices(step: int, accum: int, recipe: Recipe, n: int) -> list[int]:
     return out
 
 
-def lr_factor(update: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base LR at optimizer update `update` (0-based): linear warmup, then the schedule."""
-    if warmup > 0 and update < warmup:
-        return (update + 1) / warmup
-    progress = (update - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
-
-
-def build_optimizer(policy: Policy, recipe: Recipe, log=print) -> torch.optim.Optimizer:
-    params = trainable(policy)
-    cfg = recipe.train
-    if cfg.optimizer == "paged_adamw_8bit":
-        if policy.device.type == "cuda":
-            import bitsandbytes as bnb
-
-            return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        log("note: paged_adamw_8bit needs CUDA; using torch AdamW on this device")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def build_skip_schedule(num_layers: int, recipe: Recipe, seed: int) -> SkipSchedule:
-    """The behavior's skip-set schedule; "adaptive" = random sets whose ratio the loop adjusts after each step."""
-    beh = recipe.behavior
-    adaptive = beh.schedule == "adaptive"
-    start_ratio = min(beh.max_ratio, max(beh.min_ratio, beh.skip_ratio)) if adaptive else beh.skip_ratio
-    try:
-        schedule = SkipSchedule(num_layers, start_ratio, beh.protect_first, beh.protect_last,
-                                "random" if adaptive else beh.schedule, beh.layers, seed)
-        schedule.check_ratio(beh.max_ratio if adaptive else start_ratio)
-    except ValueError as err:
-        raise UsageError(f"{recipe.source}: [behavior] {err}") from None
-    return schedule
-
-
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_updates: int):
-    cfg = recipe.train
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, total_updates, cfg.warmup_steps, cfg.lr_schedule))
-
-
-def rollout_rows(policy: Policy, recipe: Recipe, prompts: list[list[int]], skip: tuple[int, ...],
-                 generator: torch.Generator, eos_ids: list[int], on_micro_batch=None) -> RolloutBatch:
+def rollout_rows(engine: Engine, recipe: Recipe, prompts: list[list[int]], skip: tuple[int, ...]) -> RolloutBatch:
     """G completions of each prompt, group-contiguous (the G completions of a prompt side by side)."""
-    r = recipe.rollout
-    rows = [p for p in prompts for _ in range(r.group_size)]
-    return sample(policy.model, rows, max_new_tokens=r.max_new_tokens, eos_ids=eos_ids, pad_id=policy.tokenizer.pad_token_id,
-                  temperature=r.temperature, top_p=r.top_p, skip=skip, generator=generator, micro_batch=r.micro_batch,
-                  on_micro_batch=on_micro_batch)
+    return engine.generate([p for p in prompts for _ in range(recipe.rollout.group_size)], skip)
 
 
-def collect(policy: Policy, recipe: Recipe, problems: list[Problem], prompts: list[list[int]], indices: list[int],
-            skip: tuple[int, ...], generator: torch.Generator, eos_ids: list[int], on_micro_batch=None) -> ScoredBatch:
+def collect(engine: Engine, tokenizer, recipe: Recipe, problems: list[Problem], prompts: list[list[int]],
+            indices: list[int], skip: tuple[int, ...]) -> ScoredBatch:
     """prompts_per_step prompts x G completions from the nested model, scored, with group advantages."""
     G = recipe.rollout.group_size
-    rollout = rollout_rows(policy, recipe, [prompts[i] for i in indices], skip, generator, eos_ids, on_micro_batch)
-    texts = decode_completions(policy.tokenizer, rollout.completion_ids, rollout.completion_mask)
+    rollout = rollout_rows(engine, recipe, [prompts[i] for i in indices], skip)
+    texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
     golds = [problems[i].answer for i in indices for _ in range(G)]
     scores = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight,
                    recipe.reward.require_final_answer, recipe.reward.timeout_s)
@@ -191,10 +127,6 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
     return {"logp": all_logp, "loss": losses, "kl": kls, "clip_frac": clipped / totals["total_tokens"], "finite": finite, **stats}
 
 
-def trainable(policy: Policy) -> list[torch.nn.Parameter]:
-    return [p for p in policy.model.parameters() if p.requires_grad]
-
-
 def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], totals: list[dict], optimizer, scheduler,
                   state: dict, ctx: Dist, on_micro_batch=None) -> tuple[list[dict], float, bool]:
     """`updates_per_batch` optimizer updates on the step's rollout batches. Non-finite loss/grad: update skipped."""
@@ -227,10 +159,8 @@ def check_run_dir(recipe: Recipe, resume: bool) -> Path:
     """The run directory, checked (writable, not clobbering a run) without creating anything yet."""
     run_dir = Path(recipe.log.output_dir) / recipe.run_name
     check_not_locked(run_dir)  # a live run there: say so before anything else (and before loading the model)
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    existing = nearest_existing(run_dir)
+    if not writable_dir(existing):
         raise UsageError(f"output directory {run_dir} is not writable ({existing} is not a writable directory); set [log] output_dir")
     if not resume and list_checkpoints(run_dir):
         raise UsageError(f"{run_dir} already holds checkpoints: add --resume to continue it, or set [log] run_name to start a new run")
@@ -271,23 +201,6 @@ class StopFlag:
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def check_resume(recipe: Recipe, ckpt: Path, world: int) -> None:
-    """Refuse to resume `ckpt` with a recipe that changes what the run is, or with another number of processes."""
-    saved = load_recipe(ckpt / "recipe.toml")
-    fixed = [describe_change(*c) for c in recipe_changes(saved, recipe) if c[0] not in RESUMABLE_KEYS]
-    if fixed:
-        raise UsageError(f"cannot resume {ckpt} with a changed recipe ({', '.join(fixed)}); restore these values, "
-                         "or set [log] run_name to start a new run")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    if recipe.train.steps < state["step"]:
-        raise UsageError(f"[train] steps = {recipe.train.steps} is before the checkpoint's step {state['step']} ({ckpt}); "
-                         f"set train.steps >= {state['step']}")
-    saved_world = len(state.get("skip_schedule", [None]))
-    if saved_world != world:  # the skip schedules and sampling generators are per process
-        raise UsageError(f"{ckpt} was written by {saved_world} process(es); resume it with {saved_world} "
-                         f"(this run has {world})")
 
 
 def train(recipe: Recipe, resume: bool = False, log=print) -> Path:
@@ -381,6 +294,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
             run_warmup(policy, recipe, train_problems, metrics, say)
             evaluator(0, "after_warmup", say)
     progress = Progress(cfg.steps, state["step"], recipe.log.progress if ctx.is_main else "none")
+    engine = build_engine(policy, recipe, generator, eos_ids, on_micro_batch=progress.within("rollout"))
     stop = StopFlag()
     step = state["step"]
     try:
@@ -390,9 +304,9 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
                 torch.cuda.reset_peak_memory_stats(policy.device)
             # 1. Rollouts: grad_accum batches (this process's shard of each), each from a freshly drawn nested model.
             batches = [
-                collect_or_explain(policy, recipe, train_problems, train_prompts,
+                collect_or_explain(engine, policy.tokenizer, recipe, train_problems, train_prompts,
                                    prompt_indices(step, a, recipe, len(train_prompts))[ctx.rank :: ctx.world],
-                                   schedule.draw(), generator, eos_ids, on_micro_batch=progress.within("rollout"))
+                                   schedule.draw())
                 for a in range(cfg.grad_accum)
             ]
             totals = [global_totals(b, recipe, ctx) for b in batches]
@@ -478,28 +392,29 @@ class Evaluator:
     def __init__(self, policy, recipe, problems, prompts, eos_ids, run_dir, history, metrics, ctx) -> None:
         self.policy, self.recipe, self.problems, self.prompts, self.eos_ids = policy, recipe, problems, prompts, eos_ids
         self.run_dir, self.history, self.metrics, self.ctx = run_dir, history, metrics, ctx
+        # Greedy, the full model (no layers skipped), [eval] max_new_tokens.
+        self.engine = make_engine(recipe.rollout.engine, policy.model, max_new_tokens=recipe.eval.max_new_tokens,
+                                  eos_ids=eos_ids, pad_id=policy.tokenizer.pad_token_id, greedy=True)
 
     def __call__(self, step: int, label: str, say) -> float:
         ctx, r, w = self.ctx, self.ctx.rank, self.ctx.world
-        result = evaluate(self.policy.model, self.policy.tokenizer, self.problems[r::w], self.prompts[r::w], self.eos_ids,
-                          self.recipe.eval.max_new_tokens, self.recipe.eval.batch_size,
-                          require_final=self.recipe.reward.require_final_answer)
+        result = evaluate(self.engine, self.policy.tokenizer, self.problems[r::w], self.prompts[r::w],
+                          self.recipe.eval.batch_size, require_final=self.recipe.reward.require_final_answer)
         predictions = [p for shard in gather_objects(result.predictions, ctx) for p in shard]
         n = len(predictions)
         accuracy = sum(p["correct"] for p in predictions) / max(n, 1)
         if ctx.is_main:
             self.history.append({"step": step, "label": label, "accuracy": accuracy, "n": n})
-            tmp = self.run_dir / "eval.json.tmp"
-            tmp.write_text(json.dumps({"history": self.history, "last_predictions": predictions[:50]}, indent=1))
-            tmp.replace(self.run_dir / "eval.json")
+            atomic_write_text(self.run_dir / "eval.json",
+                              json.dumps({"history": self.history, "last_predictions": predictions[:50]}, indent=1))
             self.metrics.write({"step": step, "stage": "eval", "label": label, "eval_accuracy": accuracy, "eval_n": n})
             say(f"eval {label.replace('_', ' ')}: accuracy {accuracy:.3f} on {n} problems")
         return accuracy
 
 
-def collect_or_explain(policy: Policy, recipe: Recipe, *args, **kwargs) -> ScoredBatch:
+def collect_or_explain(engine: Engine, tokenizer, recipe: Recipe, *args) -> ScoredBatch:
     try:
-        return collect(policy, recipe, *args, **kwargs)
+        return collect(engine, tokenizer, recipe, *args)
     except torch.cuda.OutOfMemoryError:
         r = recipe.rollout
         raise UsageError(
@@ -551,38 +466,6 @@ def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad
         "peak_mem_mb": peak_memory_mb(policy.device),
         "step_seconds": time.perf_counter() - t0,
     }
-
-
-# How per-process values combine: sums (losses are already normalized by global counts), extremes, or means.
-_SUMMED = {"rollout_tokens", "rollout_tokens_per_s", "loss", "kl", "correct", "reward_timeouts"}
-_MIN, _MAX = {"rho_min"}, {"rho_max", "peak_mem_mb", "step_seconds", "rollout_seconds"}
-_SAME = {"step", "stage", "grad_norm", "update_skipped", "skipped_updates", "lr", "skip_ratio"}
-
-
-def merge_records(records: list[dict]) -> dict:
-    """One metrics line from every process's step_record: tokens/s summed, rewards averaged, skip sets listed."""
-    first = records[0]
-    rewards = torch.tensor([x for r in records for x in r["rewards"]])
-    merged = {"step": first["step"], "stage": first["stage"], "reward_mean": float(rewards.mean()),
-              "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-              "rollout_accuracy": sum(r["correct"] for r in records) / rewards.numel()}
-    for key, value in first.items():
-        if key in merged or key in ("rewards", "correct"):
-            continue
-        values = [r[key] for r in records]
-        if key in ("skip_set", "skip_sets"):
-            merged[key] = value if len(records) == 1 else values  # per process: an ensemble of nested models
-        elif key in _SAME:
-            merged[key] = value
-        elif key in _SUMMED:
-            merged[key] = sum(values)
-        elif key in _MIN:
-            merged[key] = min(values)
-        elif key in _MAX:
-            merged[key] = max(values)
-        else:
-            merged[key] = sum(values) / len(values)
-    return merged
 
 
 def summary(history: list[dict], metrics_path: Path, checkpoint: Path) -> str:

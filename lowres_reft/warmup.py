@@ -28,7 +28,7 @@ from torch import Tensor
 from lowres_reft.data import Problem, format_prompt, format_solution
 from lowres_reft.errors import UsageError
 from lowres_reft.logprobs import model_logp
-from lowres_reft.model import decoder_stack
+from lowres_reft.layers import decoder_stack
 
 
 @dataclass

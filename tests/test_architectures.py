@@ -16,7 +16,8 @@ from conftest import randomize_lora
 from lowres_reft.config import LoraConfig, ModelConfig
 from lowres_reft.errors import UsageError
 from lowres_reft.logprobs import completion_logp, head_logits
-from lowres_reft.model import add_lora, decoder_stack, load_base_model
+from lowres_reft.layers import decoder_stack
+from lowres_reft.model import add_lora, load_base_model
 from lowres_reft.nested import skip_layers
 from lowres_reft.rollout import left_pad, sample
 

@@ -37,7 +37,8 @@ def trl_setup(tiny_cache, tmp_path_factory):
 
 def test_trl_sees_our_prompts_in_our_order(trl_setup):
     from lowres_reft.data import load_problems
-    from lowres_reft.trainer import encode_prompts, prompt_indices
+    from lowres_reft.data import encode_prompts
+    from lowres_reft.trainer import prompt_indices
 
     recipe, _, trainer, policy = trl_setup
     problems = load_problems(recipe.data, "train")
@@ -54,7 +55,7 @@ def test_trl_sees_our_prompts_in_our_order(trl_setup):
 
 
 def test_trl_trainer_settings_match_ours(trl_setup):
-    from lowres_reft.trainer import lr_factor
+    from lowres_reft.schedules import lr_factor
 
     recipe, _, trainer, policy = trl_setup
     lora = [p for p in policy.model.parameters() if p.requires_grad]

@@ -14,7 +14,7 @@ from conftest import randomize_lora, tiny_model_cfg
 from lowres_reft.cli import main
 from lowres_reft.checkpoint import write_manifest
 from lowres_reft.config import DataConfig, EvalConfig, ExportConfig, LoraConfig, Recipe, recipe_to_toml
-from lowres_reft.evalcmd import pass_at_k, summarize, wilson_interval
+from lowres_reft.evaluation import pass_at_k, summarize, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "tests" / "fixtures" / "gsm8k_style.jsonl"

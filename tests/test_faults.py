@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_RUN_SETS, as_set_args, start_cli_then_signal
 
 from lowres_reft import checkpoint as ckpt_mod
-from lowres_reft import trainer
+from lowres_reft import rollout, trainer
 from lowres_reft.checkpoint import latest_good_checkpoint, verify_checkpoint
 from lowres_reft.config import load_recipe
 from lowres_reft.errors import UsageError
@@ -86,7 +86,7 @@ def test_out_of_memory_in_rollout_names_the_knobs(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer, "sample", oom)
+    monkeypatch.setattr(rollout, "sample", oom)
     with pytest.raises(UsageError) as err:
         trainer.train(_recipe(tmp_path, "log.run_name=oom", "train.steps=1"), log=lambda *a: None)
     message = str(err.value)

@@ -143,7 +143,7 @@ def test_export_writes_model_cards_and_merged_loads(tracked_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lowres_reft import __version__
-    from lowres_reft.evalcmd import wilson_interval
+    from lowres_reft.evaluation import wilson_interval
 
     run, _ = tracked_run
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"

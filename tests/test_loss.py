@@ -434,3 +434,21 @@ def test_uncapped_sequence_is_is_unbiased():
 @pytest.mark.parametrize("method,cap", [("none", 2.0), ("tis", 2.0)])
 def test_token_level_corrections_are_biased_in_the_same_setup(method, cap):
     assert _max_z(*_gradient_estimates(method, cap)) > 6.0
+
+
+def test_a_registered_correction_is_usable_by_name(monkeypatch):
+    """A new correction is one registered function: the recipe accepts its name and correction_weights runs it."""
+    from lowres_reft import loss
+    from lowres_reft.config import recipe_from_dict
+
+    monkeypatch.setattr(loss, "CORRECTIONS", dict(loss.CORRECTIONS))  # keep the registry clean for other tests
+
+    @loss.correction("half")
+    def half(log_rho, m, cfg):
+        return torch.where(m, 0.5, 0.0).to(log_rho.dtype), 0.0, float("nan")
+
+    assert recipe_from_dict({"loss": {"correction": "half"}}).loss.correction == "half"
+    logp, blogp, mask = _one_row([0.5, 2.0, 4.0], pad=1)
+    assert correction_weights(logp, blogp, mask, "half").weights.tolist() == [[0.5, 0.5, 0.5, 0.0]]
+    with pytest.raises(Exception, match="correction must be one of"):
+        recipe_from_dict({"loss": {"correction": "vtrace"}})

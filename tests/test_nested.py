@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_model_cfg
 from lowres_reft.config import LoraConfig
-from lowres_reft.model import decoder_stack, load_policy
+from lowres_reft.layers import decoder_stack
+from lowres_reft.model import load_policy
 from lowres_reft.nested import SkipSchedule, num_skipped, skip_layers, valid_layers
 from lowres_reft.rollout import left_pad, sample
 

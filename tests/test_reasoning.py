@@ -102,8 +102,8 @@ def test_greedy_eval_honours_require_final_answer(monkeypatch):
     """A chain cut off by max_new_tokens whose last number happens to be the answer is not a solved problem."""
     import torch
 
-    from lowres_reft import evaluate as ev
-    from lowres_reft.data import Problem
+    from lowres_reft import evaluation as ev
+    from lowres_reft.problems import Problem
     from lowres_reft.trainer import Evaluator
 
     tok = build_tokenizer()
@@ -113,19 +113,23 @@ def test_greedy_eval_honours_require_final_answer(monkeypatch):
         completion_ids = torch.tensor([tok(t)["input_ids"] + [0] * (40 - len(t)) for t in texts])
         completion_mask = torch.tensor([[1] * len(t) + [0] * (40 - len(t)) for t in texts])
 
-    monkeypatch.setattr(ev, "sample", lambda *a, **k: Batch)
+    class Engine:  # stands in for a greedy engine: returns the two texts above
+        def generate(self, prompts, skip=()):
+            return Batch
+
     problems = [Problem("q1", "14", None), Problem("q2", "14", None)]
-    args = (None, tok, problems, [[5], [5]], [1], 40, 2)
+    args = (Engine(), tok, problems, [[5], [5]], 2)
     assert ev.evaluate(*args).accuracy == 1.0  # the last number counts by default
     assert ev.evaluate(*args, require_final=True).accuracy == 0.5
     # the trainer's evaluator passes the recipe's [reward] require_final_answer
     seen = {}
     monkeypatch.setattr("lowres_reft.trainer.evaluate",
                         lambda *a, **k: seen.update(k) or ev.EvalResult(0.0, 0, []))
+    monkeypatch.setattr("lowres_reft.trainer.make_engine", lambda *a, **k: Engine())
     from types import SimpleNamespace
 
     recipe = SimpleNamespace(eval=SimpleNamespace(max_new_tokens=40, batch_size=2),
-                             reward=SimpleNamespace(require_final_answer=True))
+                             reward=SimpleNamespace(require_final_answer=True), rollout=SimpleNamespace(engine="loop"))
     policy = SimpleNamespace(model=None, tokenizer=tok)
     ctx = SimpleNamespace(rank=0, world=1, is_main=False, enabled=False)
     Evaluator(policy, recipe, problems, [[5], [5]], [1], None, [], None, ctx)(0, "x", print)

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from lowres_reft.answers import extract_answer, is_equivalent
 from lowres_reft.errors import ConfigError
 from lowres_reft.rewards import (
     REWARDS,
-    extract_answer,
     format_reward,
     get_reward_fn,
-    is_equivalent,
     math_correct,
     math_correct_final,
     score,

@@ -16,7 +16,7 @@ from conftest import TINY_RUN_SETS, as_set_args, start_cli_then_signal
 from lowres_reft import metrics as metrics_mod
 from lowres_reft import trainer
 from lowres_reft.cli import main
-from lowres_reft.config import Recipe, _sections, load_recipe, recipe_to_toml
+from lowres_reft.config import Recipe, load_recipe, recipe_to_toml, sections
 from lowres_reft.errors import UsageError
 from lowres_reft.metrics import MetricsLog, read_metrics
 from lowres_reft.rundir import RunLock
@@ -160,7 +160,7 @@ def _string_keys() -> list[tuple[str, str, typing.Any]]:
     """(section, key, type) of every recipe key holding free text (str, str | None, tuple[str, ...])."""
     out = []
     hints = typing.get_type_hints(Recipe)
-    for section in _sections():
+    for section in sections():
         for key, tp in typing.get_type_hints(hints[section]).items():
             args = [a for a in typing.get_args(tp) if a is not type(None)]
             # a union such as `tuple[str, ...] | Literal["all-linear"]` holds free text through its tuple member

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_RUN_SETS
 from safetensors.torch import load_file
 
-from lowres_reft import trainer
+from lowres_reft import schedules, trainer
 from lowres_reft.config import load_recipe
 from lowres_reft.metrics import read_metrics
 
@@ -22,13 +22,13 @@ def _recipe(tmp_path, *extra):
 
 
 def test_lr_factor_warmup_and_schedules():
-    assert trainer.lr_factor(0, 10, 2, "constant") == 0.5
-    assert trainer.lr_factor(1, 10, 2, "constant") == 1.0
-    assert trainer.lr_factor(5, 10, 0, "constant") == 1.0
-    assert trainer.lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
-    assert trainer.lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
-    assert trainer.lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0, abs=1e-12)
-    assert trainer.lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert schedules.lr_factor(0, 10, 2, "constant") == 0.5
+    assert schedules.lr_factor(1, 10, 2, "constant") == 1.0
+    assert schedules.lr_factor(5, 10, 0, "constant") == 1.0
+    assert schedules.lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert schedules.lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert schedules.lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert schedules.lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
 
 
 def test_prompt_indices_cover_each_epoch_once(tmp_path):
@@ -197,3 +197,27 @@ def test_recipes_choose_require_final_answer(tmp_path, monkeypatch):
     trainer.train(_recipe(tmp_path, "train.steps=1", "eval.before_training=false", "reward.require_final_answer=true"),
                   log=lambda *a: None)
     assert seen == [True]
+
+
+def test_a_registered_engine_does_all_the_sampling(tmp_path, monkeypatch):
+    """The sampling seam: an engine registered in rollout.ENGINES and named by [rollout] engine serves the training
+    rollouts (nested, sampled) and the evals (full model, greedy); an unknown name is a one-line ConfigError."""
+    from lowres_reft import rollout
+    from lowres_reft.errors import ConfigError
+
+    calls = []
+
+    class CountingEngine(rollout.LoopEngine):
+        def generate(self, prompts, skip=()):
+            calls.append((len(prompts), tuple(skip), self.greedy))
+            return super().generate(prompts, skip)
+
+    monkeypatch.setitem(rollout.ENGINES, "counting", CountingEngine)
+    trainer.train(_recipe(tmp_path, "log.run_name=engine", "train.steps=2", "rollout.engine=counting",
+                          "eval.before_training=false", "behavior.skip_ratio=0.25"), log=lambda *a: None)
+    rollouts = [c for c in calls if not c[2]]
+    evals = [c for c in calls if c[2]]
+    assert len(rollouts) == 2 and all(skip for _, skip, _ in rollouts)  # one nested rollout batch per step
+    assert evals and all(skip == () for _, skip, _ in evals)  # the final eval: full model, greedy
+    with pytest.raises(ConfigError, match="engine must be one of 'loop'"):
+        _recipe(tmp_path, "rollout.engine=static")

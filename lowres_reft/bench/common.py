@@ -98,11 +98,11 @@ def build_random_model(shape: str, target: Path, device, seed: int = 0) -> Path:
     """Save a random-weights model of `shape` (bf16, initialized on `device`) + the builtin tokenizer to `target`."""
     import gc
     import os
-    import shutil
 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from lowres_reft.fsutil import publish_dir
     from lowres_reft.tiny import build_tokenizer
 
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
@@ -119,11 +119,7 @@ def build_random_model(shape: str, target: Path, device, seed: int = 0) -> Path:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return publish_dir(tmp, target)
 
 
 class ModelDir:
@@ -291,17 +287,14 @@ def dumps(obj: Any, level: int = 0) -> str:
 
 def write_json(report: dict, path: str | None) -> None:
     """Write the report to `path` (nothing when None) atomically: a temp file renamed into place."""
-    import os
 
+    from lowres_reft.fsutil import atomic_write_text
     from lowres_reft.metrics import json_safe
 
     if not path:
         return
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(dumps(json_safe(report)) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, dumps(json_safe(report)) + "\n")
     print(f"wrote {out}")
 
 

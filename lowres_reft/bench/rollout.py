@@ -62,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all decoder projections (default 16)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: temperature sampling)")
+    parser.add_argument("--engine", default="loop", help="sampling engine, as [rollout] engine (default loop)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--no-generate", dest="baseline", action="store_false", help="skip the model.generate baseline")
     parser.add_argument("--protect-first", type=int, default=1)
@@ -145,6 +146,10 @@ def _setup(args: argparse.Namespace, ratios: list[float]) -> _Setup:
     from lowres_reft.config import LoraConfig, ModelConfig
     from lowres_reft.model import load_policy, resolve_device, resolve_dtype
 
+    from lowres_reft.rollout import ENGINES
+
+    if args.engine not in ENGINES:
+        raise UsageError(f"--engine {args.engine!r}: unknown sampling engine (known: {', '.join(ENGINES)})")
     base_cfg = ModelConfig(dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=args.device)
     device = resolve_device(base_cfg)
     dtype = resolve_dtype(base_cfg, device)
@@ -201,15 +206,15 @@ class _Rollouts:
     def _ours(self, skip: tuple[int, ...], n: int) -> Callable[[], int]:
         import torch
 
-        from lowres_reft.rollout import sample
+        from lowres_reft.rollout import make_engine
 
         args = self.args
 
         def call() -> int:
             g = torch.Generator(device=self.device).manual_seed(args.seed)
-            out = sample(self.model, self.prompts, max_new_tokens=n, eos_ids=[-1], pad_id=self.pad_id,
-                         temperature=args.temperature, skip=skip, generator=g, greedy=args.greedy)
-            return out.num_tokens
+            engine = make_engine(args.engine, self.model, max_new_tokens=n, eos_ids=[-1], pad_id=self.pad_id,
+                                 temperature=args.temperature, generator=g, greedy=args.greedy)
+            return engine.generate(self.prompts, skip).num_tokens
         return call
 
     def _generate(self, n: int) -> Callable[[], int]:

@@ -107,14 +107,13 @@ def stored_bytes(module, seen: set[int] | None = None) -> int:
 
 def decode_weight_bytes(model, skip: Sequence[int], batch: int) -> dict[str, int]:
     """Bytes of weights one decode step reads with the decoder layers in `skip` bypassed (see module doc)."""
-    from lowres_reft.model import decoder_stack
+    from lowres_reft.layers import LayerStack
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    stack = decoder_stack(model)
+    stack = LayerStack(model)
     skip_set = set(skip)
     seen: set[int] = set()
     layers = sum(stored_bytes(layer, seen) for i, layer in enumerate(stack.layers) if i not in skip_set)
-    head = stored_bytes(inner.lm_head, seen)
+    head = stored_bytes(stack.lm_head, seen)
     norm = stored_bytes(stack.norm, seen)
     emb = stack.embed_tokens.weight
     rows = batch * emb.shape[-1] * emb.element_size()

@@ -123,7 +123,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
 
     from lowres_reft.config import load_recipe
     from lowres_reft.model import load_policy, resolve_device
-    from lowres_reft.trainer import build_lr_scheduler, build_optimizer, build_skip_schedule
+    from lowres_reft.builders import build_lr_scheduler, build_optimizer, build_skip_schedule
 
     recipe = load_recipe(args.recipe, args.overrides)
     shape = _resolve_shape(args, recipe)
@@ -208,14 +208,16 @@ class _Phases:
         import torch
 
         from lowres_reft import loss as loss_fn
+        from lowres_reft.builders import build_engine
         from lowres_reft.trainer import ScoredBatch, rollout_rows
 
         setup, recipe = self.setup, self.setup.recipe
         ro, n_seq = recipe.rollout, setup.sequences
+        engine = build_engine(setup.policy, recipe, self.generator, eos_ids=[-1])  # full length
         batches = []
         for _ in range(recipe.train.grad_accum):
             prompts = torch.randint(2, self.vocab, (ro.prompts_per_step, self.prompt_len), generator=self.cpu_gen).tolist()
-            rollout = rollout_rows(setup.policy, recipe, prompts, setup.schedule.draw(), self.generator, eos_ids=[-1])  # full length
+            rollout = rollout_rows(engine, recipe, prompts, setup.schedule.draw())
             rewards = torch.rand(n_seq, generator=self.cpu_gen).to(rollout.completion_ids.device)
             advantages = loss_fn.group_advantages(rewards, ro.group_size, recipe.loss.advantage_scale,
                                                   recipe.loss.advantage_eps)

@@ -192,9 +192,9 @@ def build_trl_trainer(recipe, base: Path, seed: int, steps: int, output_dir: Pat
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    from lowres_reft.data import format_prompt, load_problems
+    from lowres_reft.builders import build_lr_scheduler, build_optimizer
+    from lowres_reft.data import encode_prompts, format_prompt, load_problems
     from lowres_reft.model import load_policy
-    from lowres_reft.trainer import build_lr_scheduler, build_optimizer, encode_prompts
 
     policy = load_policy(base_model_config(recipe, base), recipe.lora, recipe.log.output_dir, seed=seed)
     problems = load_problems(recipe.data, "train")
@@ -219,7 +219,7 @@ def build_trl_trainer(recipe, base: Path, seed: int, steps: int, output_dir: Pat
 
 
 def run_trl(recipe, base: Path, seed: int, steps: int, run_dir: Path) -> dict:
-    from lowres_reft.trainer import eos_token_ids
+    from lowres_reft.model import eos_token_ids
 
     clock = Clock([])
     trainer, policy = build_trl_trainer(recipe, base, seed, steps, run_dir / "trl", clock)
@@ -262,16 +262,18 @@ def run_ours(recipe, base: Path, run_dir: Path) -> dict:
 
 def evaluate_adapter(recipe, base: Path, adapter: Path | None) -> float:
     """Greedy held-out accuracy of the merged start in 4-bit + `adapter` (None: the start itself)."""
-    from lowres_reft.data import load_problems
-    from lowres_reft.evaluate import evaluate
-    from lowres_reft.model import load_policy
-    from lowres_reft.trainer import encode_prompts, eos_token_ids
+    from lowres_reft.data import encode_prompts, load_problems
+    from lowres_reft.evaluation import evaluate
+    from lowres_reft.model import eos_token_ids, load_policy
+    from lowres_reft.rollout import make_engine
 
     policy = load_policy(base_model_config(recipe, base), recipe.lora, recipe.log.output_dir, adapter_dir=adapter)
     problems = load_problems(recipe.data, "eval")
     prompts = encode_prompts(policy.tokenizer, problems, recipe)
-    return evaluate(policy.model, policy.tokenizer, problems, prompts, eos_token_ids(policy),
-                    recipe.eval.max_new_tokens, recipe.eval.batch_size).accuracy
+    engine = make_engine(recipe.rollout.engine, policy.model, max_new_tokens=recipe.eval.max_new_tokens,
+                         eos_ids=eos_token_ids(policy), pad_id=policy.tokenizer.pad_token_id, greedy=True)
+    return evaluate(engine, policy.tokenizer, problems, prompts, recipe.eval.batch_size,
+                    require_final=recipe.reward.require_final_answer).accuracy
 
 
 # ----------------------------------------------------------------------------------------------------------
