@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lowres_reft.errors import UsageError
-from lowres_reft.model import decoder_stack, unwrap
+from lowres_reft.model import decoder_stack, lm_head_fp32, unwrap
 
 
 def _softcap(logits: Tensor, cap: float) -> Tensor:
@@ -49,9 +49,19 @@ def _post_head(causal_lm: nn.Module) -> Callable[[Tensor], Tensor] | None:
 
 
 def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
-    """(..., H) final hidden states (after the stack's norm) -> (..., V) logits, as `model(...).logits` has them."""
+    """(..., H) final hidden states (after the stack's norm) -> (..., V) logits, as `model(...).logits` has them.
+
+    With [model] lm_head_fp32 (`set_lm_head_fp32`) the head's matmul runs in float32 and the logits are float32:
+    bf16 logits are rounded to 8 significant bits (~0.06 at a logit of 16), which moves every log-prob.
+    """
     causal_lm = unwrap(model)
-    logits = causal_lm.lm_head(hidden)
+    head = causal_lm.lm_head
+    if lm_head_fp32(model):
+        # Upcast for this matmul only (tied embeddings included): no persistent float32 copy of a (V, H) weight.
+        bias = None if head.bias is None else head.bias.float()
+        logits = nn.functional.linear(hidden.float(), head.weight.float(), bias)
+    else:
+        logits = head(hidden)
     transform = _post_head(causal_lm)
     return logits if transform is None else transform(logits)
 

@@ -168,6 +168,7 @@ def load_policy(
     else:
         model = add_lora(base, lora_cfg, seed)
     disable_cpu_bf16_repack(model)
+    set_lm_head_fp32(model, model_cfg.lm_head_fp32)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(_stored_numel(p) for p in model.parameters())
     return Policy(model=model, tokenizer=tokenizer, device=device, trainable_params=trainable, total_params=total)
@@ -219,6 +220,27 @@ def _stored_numel(param: torch.Tensor) -> int:
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers causal LM (`...ForCausalLM`) inside a peft wrapper, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+_LM_HEAD_FP32 = "lowres_lm_head_fp32"  # attribute of the causal LM read by `lm_head_fp32`
+
+
+def set_lm_head_fp32(model: nn.Module, enabled: bool) -> None:
+    """Ask `logprobs.head_logits` (sampling and update alike) for a float32 LM head matmul ([model] lm_head_fp32).
+
+    Kept on the model, so every caller of `head_logits` sees the same choice. Needs a plain linear head: a wrapped
+    one (e.g. [lora] modules_to_save = ["lm_head"]) has its own forward, which a bare float32 matmul would bypass.
+    """
+    causal_lm = unwrap(model)
+    head = getattr(causal_lm, "lm_head", None)
+    if enabled and type(head) is not nn.Linear:
+        raise UsageError(f"[model] lm_head_fp32 needs a plain linear LM head; {type(causal_lm).__name__}'s is "
+                         f"{type(head).__name__} (e.g. trained through [lora] modules_to_save): set lm_head_fp32 = false")
+    setattr(causal_lm, _LM_HEAD_FP32, enabled)
+
+
+def lm_head_fp32(model: nn.Module) -> bool:
+    return bool(getattr(unwrap(model), _LM_HEAD_FP32, False))
 
 
 def decoder_stack(model: nn.Module) -> nn.Module:
