@@ -1,5 +1,7 @@
 """[model] lm_head_fp32: the LM head matmul in float32, used alike by the sampler and the update."""
 
+import math
+
 import pytest
 import torch
 from conftest import randomize_lora, tiny_model_cfg
@@ -88,3 +90,29 @@ def test_fp32_head_refuses_a_wrapped_head(tiny_cache):
                     cache_dir=tiny_cache)
     policy = load_policy(tiny_model_cfg(lm_head_fp32=True), LoraConfig(r=4, alpha=8, dropout=0.0), cache_dir=tiny_cache)
     assert head_logits(policy.model, torch.zeros(1, unwrap(policy.model).config.hidden_size)).dtype == torch.float32
+
+
+def test_recipe_key_reaches_the_training_run(tmp_path, monkeypatch):
+    """`model.lm_head_fp32 = true` in a recipe: the run's rollouts and update use the float32 head (one bf16 step)."""
+    from pathlib import Path
+
+    from conftest import TINY_RUN_SETS
+
+    from lowres_reft import trainer
+    from lowres_reft.config import load_recipe
+    from lowres_reft.metrics import read_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    sets = TINY_RUN_SETS + ["log.progress=none", f"log.output_dir={tmp_path}", "train.steps=1", "eval.before_training=false",
+                            "model.dtype=bfloat16", "model.lm_head_fp32=true"]
+    dtypes, real = [], trainer.completion_logp
+
+    def spy(model, *args, **kwargs):
+        dtypes.append(head_logits(model, torch.zeros(1, unwrap(model).config.hidden_size, dtype=torch.bfloat16)).dtype)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "completion_logp", spy)
+    run = trainer.train(load_recipe(root / "recipes" / "tiny-cpu.toml", sets), log=lambda *a: None)
+    assert dtypes and set(dtypes) == {torch.float32}
+    record = [r for r in read_metrics(run / "metrics.jsonl") if r["stage"] == "rl"][0]
+    assert math.isfinite(record["loss"]) and not record["update_skipped"]
