@@ -46,6 +46,10 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Attention kernel handed to transformers ("sdpa" everywhere, "eager" for debugging).
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # Compute the LM head matmul in float32 (hidden and weight upcast for it) in rollout and update alike, so
+    # behavior and recomputed log-probs do not differ by the rounding of bf16 logits. Costs a float32 copy of the
+    # head's weight per call (transient), no persistent one.
+    lm_head_fp32: bool = False
     # Sizes of the builtin tiny model (only used with name = "builtin:tiny").
     tiny_layers: int = 6
     tiny_hidden: int = 128

@@ -22,6 +22,27 @@ from lowres_reft.errors import UsageError
 from lowres_reft.layers import decoder_stack, unwrap
 
 
+_LM_HEAD_FP32 = "lowres_lm_head_fp32"  # attribute of the causal LM read by `lm_head_fp32`
+
+
+def set_lm_head_fp32(model: nn.Module, enabled: bool) -> None:
+    """Ask `head_logits` (sampling and update alike) for a float32 LM head matmul ([model] lm_head_fp32).
+
+    Kept on the model, so every caller of `head_logits` sees the same choice. Needs a plain linear head: a wrapped
+    one (e.g. [lora] modules_to_save = ["lm_head"]) has its own forward, which a bare float32 matmul would bypass.
+    """
+    causal_lm = unwrap(model)
+    head = getattr(causal_lm, "lm_head", None)
+    if enabled and type(head) is not nn.Linear:
+        raise UsageError(f"[model] lm_head_fp32 needs a plain linear LM head; {type(causal_lm).__name__}'s is "
+                         f"{type(head).__name__} (e.g. trained through [lora] modules_to_save): set lm_head_fp32 = false")
+    setattr(causal_lm, _LM_HEAD_FP32, enabled)
+
+
+def lm_head_fp32(model: nn.Module) -> bool:
+    return bool(getattr(unwrap(model), _LM_HEAD_FP32, False))
+
+
 def _softcap(logits: Tensor, cap: float) -> Tensor:
     return torch.tanh(logits / cap) * cap
 
@@ -49,9 +70,19 @@ def _post_head(causal_lm: nn.Module) -> Callable[[Tensor], Tensor] | None:
 
 
 def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
-    """(..., H) final hidden states (after the stack's norm) -> (..., V) logits, as `model(...).logits` has them."""
+    """(..., H) final hidden states (after the stack's norm) -> (..., V) logits, as `model(...).logits` has them.
+
+    With [model] lm_head_fp32 (`set_lm_head_fp32`) the head's matmul runs in float32 and the logits are float32:
+    bf16 logits are rounded to 8 significant bits (~0.06 at a logit of 16), which moves every log-prob.
+    """
     causal_lm = unwrap(model)
-    logits = causal_lm.lm_head(hidden)
+    head = causal_lm.lm_head
+    if lm_head_fp32(model):
+        # Upcast for this matmul only (tied embeddings included): no persistent float32 copy of a (V, H) weight.
+        bias = None if head.bias is None else head.bias.float()
+        logits = nn.functional.linear(hidden.float(), head.weight.float(), bias)
+    else:
+        logits = head(hidden)
     transform = _post_head(causal_lm)
     return logits if transform is None else transform(logits)
 

@@ -15,6 +15,7 @@ from torch import nn
 from lowres_reft.config import LoraConfig, ModelConfig
 from lowres_reft.errors import UsageError, first_line
 from lowres_reft.layers import LayerStack
+from lowres_reft.logprobs import set_lm_head_fp32
 from lowres_reft.tiny import TINY_NAME, ensure_tiny_model
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -172,6 +173,7 @@ def load_policy(
     else:
         model = base
     disable_cpu_bf16_repack(model)
+    set_lm_head_fp32(model, model_cfg.lm_head_fp32)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(_stored_numel(p) for p in model.parameters())
     return Policy(model=model, tokenizer=tokenizer, device=device, trainable_params=trainable, total_params=total)

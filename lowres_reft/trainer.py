@@ -31,6 +31,7 @@ from lowres_reft.logprobs import check_head_logits, completion_logp
 from lowres_reft.metrics import MetricsLog, MetricsWriteError, Progress, merge_records
 from lowres_reft.model import Policy, check_model_name, eos_token_ids, load_policy, model_path
 from lowres_reft.nested import adapt_skip_ratio
+from lowres_reft.microbatch import by_length
 from lowres_reft.rewards import resolve_rewards, score
 from lowres_reft.rollout import Engine, RolloutBatch, check_generation_length, make_engine
 from lowres_reft.rundir import RunLock, check_not_locked
@@ -83,6 +84,10 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
                          on_micro_batch=None) -> dict:
     """Backward of the batch's loss (times `scale`), micro-batch by micro-batch. Returns logp (detached) + stats.
 
+    Micro-batches of `micro` rows are formed by length and trimmed to their own used columns (`by_length`); the
+    returned logp is (N, T) in the batch's row order, 0 where mask == 0. Loss and gradients equal those of row-order
+    micro-batches padded to the batch's width: the aggregation normalizers are the whole batch's.
+
     `totals` are the aggregation normalizers (default: this batch's own token and sequence counts).
     Puts the model in train mode: gradient checkpointing only runs in train mode, and a model left in eval mode
     (from_pretrained's default, or any `model.eval()` before) would silently keep every layer's activations.
@@ -93,21 +98,23 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
     mask = r.completion_mask
     if totals is None:
         totals = dict(total_tokens=max(1, int(mask.sum().item())), total_seqs=mask.shape[0], max_new_tokens=max_new_tokens)
-    logps, losses, kls, clipped, finite = [], 0.0, 0.0, 0.0, True
-    for lo in range(0, mask.shape[0], micro):
-        sl = slice(lo, lo + micro)
-        logp = completion_logp(policy.model, r.prompt_ids[sl], r.prompt_mask[sl], r.completion_ids[sl], mask[sl],
-                               temperature, cfg.logprob_chunk)  # (b, T)
-        corr = L.correction_weights(logp.detach(), r.behavior_logp[sl], mask[sl], cfg.correction, cfg.is_cap, cfg.retrace_lambda)
-        old = None if old_logp is None else old_logp[sl]
-        objective, clip_frac = L.policy_objective(logp, corr.weights, batch.advantages[sl], mask[sl], old,
+    all_logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)  # (N, T), original row order
+    micro_batches = by_length(r, micro)  # each costs its own rows' real lengths, not the batch's widest row
+    losses, kls, clipped, finite = 0.0, 0.0, 0.0, True
+    for done, mb in enumerate(micro_batches, 1):
+        m = mb.completion_mask  # (b, t)
+        logp = completion_logp(policy.model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, m,
+                               temperature, cfg.logprob_chunk)  # (b, t)
+        corr = L.correction_weights(logp.detach(), mb.take(r.behavior_logp), m, cfg.correction, cfg.is_cap, cfg.retrace_lambda)
+        old = None if old_logp is None else mb.take(old_logp)
+        objective, clip_frac = L.policy_objective(logp, corr.weights, batch.advantages[mb.rows], m, old,
                                                   cfg.clip_eps, cfg.clip_eps_high)
-        micro_loss = -L.aggregate(objective, mask[sl], cfg.aggregation, **totals)
+        micro_loss = -L.aggregate(objective, m, cfg.aggregation, **totals)
         if cfg.kl_beta > 0:
             with torch.no_grad(), policy.model.disable_adapter():
-                ref_logp = completion_logp(policy.model, r.prompt_ids[sl], r.prompt_mask[sl], r.completion_ids[sl],
-                                           mask[sl], temperature, cfg.logprob_chunk)
-            kl = L.aggregate(L.kl_k3(logp, ref_logp), mask[sl], cfg.aggregation, **totals)
+                ref_logp = completion_logp(policy.model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, m,
+                                           temperature, cfg.logprob_chunk)
+            kl = L.aggregate(L.kl_k3(logp, ref_logp), m, cfg.aggregation, **totals)
             micro_loss = micro_loss + cfg.kl_beta * kl
             kls += float(kl.detach())
             del kl
@@ -116,13 +123,12 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
         elif finite:
             (micro_loss * scale).backward()
         losses += float(micro_loss.detach())
-        clipped += clip_frac * float(mask[sl].sum())
-        logps.append(logp.detach())
+        clipped += clip_frac * float(m.sum())
+        all_logp[mb.rows, : mb.width] = torch.where(m != 0, logp.detach(), 0.0)
         if on_micro_batch is not None:
-            on_micro_batch(len(logps), -(-mask.shape[0] // micro), 0)
+            on_micro_batch(done, len(micro_batches), 0)
         # Without a backward the graph keeps its saved activations: drop it before the next micro-batch's forward.
         del logp, objective, micro_loss
-    all_logp = torch.cat(logps)
     stats = L.correction_weights(all_logp, r.behavior_logp, mask, cfg.correction, cfg.is_cap, cfg.retrace_lambda).stats
     return {"logp": all_logp, "loss": losses, "kl": kls, "clip_frac": clipped / totals["total_tokens"], "finite": finite, **stats}
 
