@@ -93,6 +93,81 @@ def nucleus_logprobs(logits: Tensor, temperature: float, top_p: float) -> Tensor
     return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
 
 
+def draw_tokens(logp: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling: (L, V) log-probs and (L,) uniforms in [0, 1) -> (L,) token ids.
+
+    Token i is drawn when cdf[i-1] <= u * cdf[V-1] < cdf[i], so a token of probability 0 (outside the nucleus) is
+    never drawn. The cdf is summed in float64: over a 150k vocabulary float32 rounding would shift the sampled
+    distribution away from the recorded behavior log-probs.
+    """
+    cdf = logp.double().exp().cumsum(-1)  # (L, V)
+    total = cdf[:, -1:]
+    # u * total can round up to total; keep the target strictly below it (the last token with mass is drawn).
+    target = torch.minimum(u.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+
+def draw_uniforms(rows: int, steps: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """(steps, rows) uniforms, drawn once per decode for every row and step up front: which numbers a row gets does
+    not depend on when other rows finish, on batch compaction or on the engine, and the generator advances by
+    the same amount whenever the decode stops."""
+    return torch.rand((steps, rows), generator=generator, device=device)
+
+
+def new_token_budget(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
+    """Buffers sized by the real bound: no completion can run past the context window (prompt + new tokens)."""
+    limit = context_length(model)
+    return max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - prompt_len))
+
+
+class DecodeState:
+    """One decode's outputs in the original row order, and which rows are still in the decode batch.
+
+    `rows` (B,) maps the decode batch (which shrinks as rows finish and are compacted away) to the original rows;
+    an engine feeds `record` the (B, V) logits of its batch each step and applies `compact`'s index to its cache.
+    """
+
+    def __init__(self, n: int, steps: int, pad_id: int, eos_ids: Tensor, device: torch.device) -> None:
+        self.pad_id, self.eos_ids = pad_id, eos_ids
+        self.tokens = torch.full((n, steps), pad_id, dtype=torch.long, device=device)
+        self.logps = torch.zeros((n, steps), dtype=torch.float32, device=device)
+        self.mask = torch.zeros((n, steps), dtype=torch.float32, device=device)
+        self.finished = torch.zeros(n, dtype=torch.bool, device=device)
+        self.rows = torch.arange(n, device=device)
+
+    def record(self, step: int, logits: Tensor, uniforms: Tensor | None, temperature: float, top_p: float) -> Tensor:
+        """(B, V) logits of the batch's rows (uniforms: (N,) of all rows, None = greedy) -> (B,) next input ids."""
+        if uniforms is None:
+            token = logits.argmax(dim=-1)
+            token_logp = torch.zeros(token.shape, device=token.device)
+        else:
+            logp_all = nucleus_logprobs(logits, temperature, top_p)  # (B, V) float32
+            token = draw_tokens(logp_all, uniforms[self.rows])
+            token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
+        live = ~self.finished[self.rows]
+        token = torch.where(live, token, torch.full_like(token, self.pad_id))
+        self.tokens[self.rows, step] = token
+        self.logps[self.rows, step] = torch.where(live, token_logp, torch.zeros_like(token_logp))
+        self.mask[self.rows, step] = live.float()
+        self.finished[self.rows] = self.finished[self.rows] | (live & torch.isin(token, self.eos_ids))
+        return token
+
+    def done(self) -> bool:
+        return bool(self.finished.all())
+
+    def live_count(self) -> int:
+        return int((~self.finished[self.rows]).sum())
+
+    def compact(self) -> Tensor:
+        """Drop the finished rows from the batch: returns the (B',) batch indices kept, for the engine's buffers."""
+        keep = (~self.finished[self.rows]).nonzero().squeeze(-1)
+        self.rows = self.rows[keep]
+        return keep
+
+    def outputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.tokens, self.logps, self.mask, ~self.finished
+
+
 @torch.no_grad()
 def _decode(
     model: nn.Module,
@@ -116,15 +191,10 @@ def _decode(
     attention_mask = prompt_mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     input_ids = prompt_ids
-    # Buffers sized by the real bound: no completion can run past the context window (prompt + new tokens).
-    limit = context_length(model)
-    if limit is not None:
-        max_new_tokens = max(1, min(max_new_tokens, limit - prompt_ids.shape[1]))
-    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
-    mask = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
+    steps = new_token_budget(model, prompt_ids.shape[1], max_new_tokens)
+    state = DecodeState(n, steps, pad_id, eos_ids, device)
+    uniforms = None if greedy else draw_uniforms(n, steps, generator, device)
+    for step in range(steps):
         # The decoder stack, then the same hidden -> logits map as the training recompute (`head_logits`).
         hidden = stack(
             input_ids=input_ids,
@@ -133,25 +203,18 @@ def _decode(
             use_cache=True,
             **{cache_key: cache},
         ).last_hidden_state
-        logits = head_logits(model, hidden[:, -1, :])  # (N, V)
-        if greedy:
-            token = logits.argmax(dim=-1)
-            token_logp = torch.zeros(n, device=device)
-        else:
-            logp_all = nucleus_logprobs(logits, temperature, top_p)  # (N, V) float32
-            token = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
-            token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
-        live = ~finished
-        tokens[:, step] = torch.where(live, token, torch.full_like(token, pad_id))
-        logps[:, step] = torch.where(live, token_logp, torch.zeros_like(token_logp))
-        mask[:, step] = live.float()
-        finished = finished | (live & torch.isin(token, eos_ids))
-        if bool(finished.all()):
+        logits = head_logits(model, hidden[:, -1, :])  # (B, V)
+        token = state.record(step, logits, None if uniforms is None else uniforms[step], temperature, top_p)
+        if state.done():
             break
-        input_ids = tokens[:, step : step + 1]
-        attention_mask = torch.cat([attention_mask, torch.ones((n, 1), dtype=attention_mask.dtype, device=device)], dim=1)
+        if state.live_count() < len(state.rows):  # rows finished: cost follows the live rows
+            keep = state.compact()
+            cache.batch_select_indices(keep)
+            token, attention_mask, position_ids = token[keep], attention_mask[keep], position_ids[keep]
+        input_ids = token[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(token), 1))], dim=1)
         position_ids = position_ids[:, -1:] + 1
-    return tokens, logps, mask, ~finished
+    return state.outputs()
 
 
 def sample(
@@ -168,12 +231,15 @@ def sample(
     greedy: bool = False,
     micro_batch: int = 0,
     on_micro_batch: Callable[[int, int, int], None] | None = None,
+    decode: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
 ) -> RolloutBatch:
     """Sample one completion per prompt (repeat prompts G times for a group) from the nested model.
 
     prompts: N token lists. Returns a RolloutBatch; behavior_logp is log mu(y_t | .) of each sampled token.
     on_micro_batch(done, total, tokens so far) is called after each micro-batch (progress display).
+    decode: the per-micro-batch decode (an engine's; default the dynamic-cache loop `_decode`).
     """
+    decode = decode or _decode
     device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()
@@ -186,7 +252,7 @@ def sample(
         with skip_layers(model, skip):
             for lo in range(0, len(prompts), size):
                 parts.append(
-                    _decode(model, prompt_ids[lo : lo + size], prompt_mask[lo : lo + size], max_new_tokens,
+                    decode(model, prompt_ids[lo : lo + size], prompt_mask[lo : lo + size], max_new_tokens,
                             temperature, top_p, eos, pad_id, generator, greedy)
                 )
                 if on_micro_batch is not None:
@@ -248,8 +314,23 @@ class LoopEngine:
                       greedy=self.greedy, micro_batch=self.micro_batch, on_micro_batch=self.on_micro_batch)
 
 
-# Engines by the name `[rollout] engine` gives; the recipe is validated against these keys.
-ENGINES: dict[str, Callable[..., Engine]] = {"loop": LoopEngine}
+def _static_engine(model: nn.Module, **settings) -> Engine:
+    from lowres_reft.static_engine import StaticEngine  # imports this module: resolved at call time
+
+    return StaticEngine(model, **settings)
+
+
+def _static_eager_engine(model: nn.Module, **settings) -> Engine:
+    from lowres_reft.static_engine import StaticEngine
+
+    return StaticEngine(model, **settings, cuda_graphs=False)
+
+
+# Engines by the name `[rollout] engine` gives; the recipe is validated against these keys. "loop" is the reference;
+# "static" preallocates the KV cache and buffers and replays a CUDA graph per token on CUDA; "static_eager" is
+# "static" without CUDA graphs.
+ENGINES: dict[str, Callable[..., Engine]] = {"loop": LoopEngine, "static": _static_engine,
+                                             "static_eager": _static_eager_engine}
 
 
 def make_engine(name: str, model: nn.Module, **settings) -> Engine:
