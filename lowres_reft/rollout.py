@@ -2,7 +2,12 @@
 which gives completions plus the behavior log-prob of every sampled token.
 
 Everything that samples (training rollouts, eval during training, `lowres-reft eval`, `bench`) builds an engine with
-`make_engine([rollout] engine, model, ...)`; "loop" (`LoopEngine`, the `sample` loop below) is the default.
+`make_engine([rollout] engine, model, ...)`; "loop" (`LoopEngine`, the `sample` loop below) is the default and the
+reference; "static" (`static_engine.py`) gives the same tokens and log-probs from preallocated buffers.
+
+Both engines sample by inverse CDF from one uniform per row and step, all drawn up front (`draw_uniforms`), and
+drop finished rows from the decode batch (`DecodeState.compact`): a row's tokens do not depend on the engine,
+on when other rows finish, or on the batch composition, and decode cost follows the live rows.
 
 Behavior log-probs are recorded inside the loop (no extra forward pass) under exactly the distribution
 sampled from: log_softmax(logits / temperature), and with top_p < 1 the nucleus-truncated, renormalized
