@@ -3,7 +3,7 @@ which gives completions plus the behavior log-prob of every sampled token.
 
 Everything that samples (training rollouts, eval during training, `lowres-reft eval`, `bench`) builds an engine with
 `make_engine([rollout] engine, model, ...)`; "loop" (`LoopEngine`, the `sample` loop below) is the default and the
-reference; "static" (`static_engine.py`) gives the same tokens and log-probs from preallocated buffers.
+reference; "static" (`StaticEngine`, decoding in `static_engine.py`) gives the same tokens and log-probs from preallocated buffers.
 
 Both engines sample by inverse CDF from one uniform per row and step, all drawn up front (`draw_uniforms`), and
 drop finished rows from the decode batch (`DecodeState.compact`): a row's tokens do not depend on the engine,
@@ -31,6 +31,8 @@ from lowres_reft.errors import UsageError
 from lowres_reft.logprobs import head_logits
 from lowres_reft.layers import decoder_stack
 from lowres_reft.nested import skip_layers
+from lowres_reft.sampling import DecodeState, draw_uniforms, new_token_budget, nucleus_logprobs  # noqa: F401 (re-exported)
+from lowres_reft.static_engine import static_decode
 
 
 @dataclass
@@ -85,94 +87,6 @@ def check_generation_length(model: nn.Module, key: str, max_new_tokens: int) -> 
         raise UsageError(f"{key} = {max_new_tokens} exceeds the model's context length of {limit} tokens; use at most {limit}")
 
 
-def nucleus_logprobs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """(N, V) logits -> (N, V) float32 log-probs of the distribution actually sampled from."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
-        return logp
-    sorted_logp, order = logp.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
-    mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
-    drop_sorted = mass_before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
-
-
-def draw_tokens(logp: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF sampling: (L, V) log-probs and (L,) uniforms in [0, 1) -> (L,) token ids.
-
-    Token i is drawn when cdf[i-1] <= u * cdf[V-1] < cdf[i], so a token of probability 0 (outside the nucleus) is
-    never drawn. The cdf is summed in float64: over a 150k vocabulary float32 rounding would shift the sampled
-    distribution away from the recorded behavior log-probs.
-    """
-    cdf = logp.double().exp().cumsum(-1)  # (L, V)
-    total = cdf[:, -1:]
-    # u * total can round up to total; keep the target strictly below it (the last token with mass is drawn).
-    target = torch.minimum(u.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
-
-
-def draw_uniforms(rows: int, steps: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """(steps, rows) uniforms, drawn once per decode for every row and step up front: which numbers a row gets does
-    not depend on when other rows finish, on batch compaction or on the engine, and the generator advances by
-    the same amount whenever the decode stops."""
-    return torch.rand((steps, rows), generator=generator, device=device)
-
-
-def new_token_budget(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
-    """Buffers sized by the real bound: no completion can run past the context window (prompt + new tokens)."""
-    limit = context_length(model)
-    return max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - prompt_len))
-
-
-class DecodeState:
-    """One decode's outputs in the original row order, and which rows are still in the decode batch.
-
-    `rows` (B,) maps the decode batch (which shrinks as rows finish and are compacted away) to the original rows;
-    an engine feeds `record` the (B, V) logits of its batch each step and applies `compact`'s index to its cache.
-    """
-
-    def __init__(self, n: int, steps: int, pad_id: int, eos_ids: Tensor, device: torch.device) -> None:
-        self.pad_id, self.eos_ids = pad_id, eos_ids
-        self.tokens = torch.full((n, steps), pad_id, dtype=torch.long, device=device)
-        self.logps = torch.zeros((n, steps), dtype=torch.float32, device=device)
-        self.mask = torch.zeros((n, steps), dtype=torch.float32, device=device)
-        self.finished = torch.zeros(n, dtype=torch.bool, device=device)
-        self.rows = torch.arange(n, device=device)
-
-    def record(self, step: int, logits: Tensor, uniforms: Tensor | None, temperature: float, top_p: float) -> Tensor:
-        """(B, V) logits of the batch's rows (uniforms: (N,) of all rows, None = greedy) -> (B,) next input ids."""
-        if uniforms is None:
-            token = logits.argmax(dim=-1)
-            token_logp = torch.zeros(token.shape, device=token.device)
-        else:
-            logp_all = nucleus_logprobs(logits, temperature, top_p)  # (B, V) float32
-            token = draw_tokens(logp_all, uniforms[self.rows])
-            token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
-        live = ~self.finished[self.rows]
-        token = torch.where(live, token, torch.full_like(token, self.pad_id))
-        self.tokens[self.rows, step] = token
-        self.logps[self.rows, step] = torch.where(live, token_logp, torch.zeros_like(token_logp))
-        self.mask[self.rows, step] = live.float()
-        self.finished[self.rows] = self.finished[self.rows] | (live & torch.isin(token, self.eos_ids))
-        return token
-
-    def done(self) -> bool:
-        return bool(self.finished.all())
-
-    def live_count(self) -> int:
-        return int((~self.finished[self.rows]).sum())
-
-    def compact(self) -> Tensor:
-        """Drop the finished rows from the batch: returns the (B',) batch indices kept, for the engine's buffers."""
-        keep = (~self.finished[self.rows]).nonzero().squeeze(-1)
-        self.rows = self.rows[keep]
-        return keep
-
-    def outputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.tokens, self.logps, self.mask, ~self.finished
-
-
 @torch.no_grad()
 def _decode(
     model: nn.Module,
@@ -196,7 +110,7 @@ def _decode(
     attention_mask = prompt_mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     input_ids = prompt_ids
-    steps = new_token_budget(model, prompt_ids.shape[1], max_new_tokens)
+    steps = new_token_budget(context_length(model), prompt_ids.shape[1], max_new_tokens)
     state = DecodeState(n, steps, pad_id, eos_ids, device)
     uniforms = None if greedy else draw_uniforms(n, steps, generator, device)
     for step in range(steps):
@@ -316,25 +230,33 @@ class LoopEngine:
     def generate(self, prompts: list[list[int]], skip: tuple[int, ...] = ()) -> RolloutBatch:
         return sample(self.model, prompts, max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
                       temperature=self.temperature, top_p=self.top_p, skip=skip, generator=self.generator,
-                      greedy=self.greedy, micro_batch=self.micro_batch, on_micro_batch=self.on_micro_batch)
+                      greedy=self.greedy, micro_batch=self.micro_batch, on_micro_batch=self.on_micro_batch,
+                      decode=self.decode)
+
+    def decode(self, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One micro-batch's decode (`_decode`'s arguments and results); an engine subclass replaces it."""
+        return _decode(*args)
 
 
-def _static_engine(model: nn.Module, **settings) -> Engine:
-    from lowres_reft.static_engine import StaticEngine  # imports this module: resolved at call time
+@dataclass
+class StaticEngine(LoopEngine):
+    """Static KV cache and buffers written in place (`static_engine.static_decode`); CUDA graphs on CUDA."""
 
-    return StaticEngine(model, **settings)
+    cuda_graphs: bool = True
+
+    def decode(self, model: nn.Module, prompt_ids: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return static_decode(model, prompt_ids, *args, cache_key=_cache_kwarg(model), cuda_graphs=self.cuda_graphs,
+                             limit=context_length(model))
 
 
 def _static_eager_engine(model: nn.Module, **settings) -> Engine:
-    from lowres_reft.static_engine import StaticEngine
-
     return StaticEngine(model, **settings, cuda_graphs=False)
 
 
 # Engines by the name `[rollout] engine` gives; the recipe is validated against these keys. "loop" is the reference;
 # "static" preallocates the KV cache and buffers and replays a CUDA graph per token on CUDA; "static_eager" is
 # "static" without CUDA graphs.
-ENGINES: dict[str, Callable[..., Engine]] = {"loop": LoopEngine, "static": _static_engine,
+ENGINES: dict[str, Callable[..., Engine]] = {"loop": LoopEngine, "static": StaticEngine,
                                              "static_eager": _static_eager_engine}
 
 

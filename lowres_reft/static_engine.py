@@ -22,22 +22,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from lowres_reft.layers import decoder_stack
 from lowres_reft.logprobs import head_logits
-from lowres_reft.rollout import (
-    DecodeState,
-    LoopEngine,
-    RolloutBatch,
-    _cache_kwarg,
-    draw_uniforms,
-    new_token_budget,
-    sample,
-)
+from lowres_reft.sampling import DecodeState, draw_uniforms, new_token_budget
 
 SYNC_EVERY = 8  # CUDA-graph mode: tokens between host syncs (the all-done check and compaction)
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (lazy kernel/workspace initialization)
@@ -102,13 +93,19 @@ def static_decode(
     pad_id: int,
     generator: torch.Generator | None,
     greedy: bool,
+    *,
+    cache_key: str,
+    limit: int | None,
     cuda_graphs: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`rollout._decode`'s contract, with a static cache (and, on CUDA with `cuda_graphs`, graph replay)."""
+    """`rollout._decode`'s contract, with a static cache (and, on CUDA with `cuda_graphs`, graph replay).
+
+    cache_key: the decoder stack's cache keyword (`rollout._cache_kwarg`); limit: the context length, or None.
+    """
     n, prompt_len = prompt_ids.shape
     device = prompt_ids.device
-    steps = new_token_budget(model, prompt_len, max_new_tokens)
-    stack, cache_key = decoder_stack(model), _cache_kwarg(model)
+    steps = new_token_budget(limit, prompt_len, max_new_tokens)
+    stack = decoder_stack(model)
     cache = static_cache(stack.config, prompt_len + steps)
 
     def step(ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
@@ -158,20 +155,4 @@ def _capture_or_none(step: Step, cache, ids: Tensor, positions: Tensor, mask: Te
         warnings.warn(f"static engine: the decode step could not be captured as a CUDA graph ({err}); decoding eagerly")
         torch.cuda.synchronize()
         return None
-
-
-@dataclass
-class StaticEngine(LoopEngine):
-    """Static KV cache, in-place buffers, finished rows leave the batch; CUDA graphs on CUDA (`cuda_graphs`)."""
-
-    cuda_graphs: bool = True
-
-    def generate(self, prompts: list[list[int]], skip: tuple[int, ...] = ()) -> RolloutBatch:
-        def decode(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            return static_decode(*args, cuda_graphs=self.cuda_graphs)
-
-        return sample(self.model, prompts, max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                      temperature=self.temperature, top_p=self.top_p, skip=skip, generator=self.generator,
-                      greedy=self.greedy, micro_batch=self.micro_batch, on_micro_batch=self.on_micro_batch,
-                      decode=decode)
 

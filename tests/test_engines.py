@@ -6,7 +6,8 @@ import torch
 
 from test_architectures import build, prompts
 from lowres_reft.layers import decoder_stack
-from lowres_reft.rollout import DecodeState, draw_tokens, make_engine
+from lowres_reft.rollout import make_engine
+from lowres_reft.sampling import DecodeState, draw_tokens
 
 SKIPS = [(), (0,), (0, 2), (1, 3)]  # includes layer 0, whose cache layer the sequence length is read from
 EOS = [2, 7, 9, 11, 13]  # several EOS ids: rows of the mixed-length prompts end at different steps
