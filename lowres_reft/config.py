@@ -189,7 +189,8 @@ class RolloutConfig:
     # Sequences generated at once (0 = the whole step's prompts_per_step * group_size).
     micro_batch: int = 0
     # The sampling engine (lowres_reft.rollout.ENGINES), used for rollouts and evaluation: "loop" = the plain
-    # decode loop with a dynamic KV cache.
+    # decode loop with a dynamic KV cache (the reference); "static" = preallocated KV cache and buffers, one CUDA
+    # graph replayed per token on CUDA (eager elsewhere); "static_eager" = "static" without CUDA graphs.
     engine: str = "loop"
 
     def validate(self) -> None:

@@ -2,7 +2,12 @@
 which gives completions plus the behavior log-prob of every sampled token.
 
 Everything that samples (training rollouts, eval during training, `lowres-reft eval`, `bench`) builds an engine with
-`make_engine([rollout] engine, model, ...)`; "loop" (`LoopEngine`, the `sample` loop below) is the default.
+`make_engine([rollout] engine, model, ...)`; "loop" (`LoopEngine`, the `sample` loop below) is the default and the
+reference; "static" (`StaticEngine`, decoding in `static_engine.py`) gives the same tokens and log-probs from preallocated buffers.
+
+Both engines sample by inverse CDF from one uniform per row and step, all drawn up front (`draw_uniforms`), and
+drop finished rows from the decode batch (`DecodeState.compact`): a row's tokens do not depend on the engine,
+on when other rows finish, or on the batch composition, and decode cost follows the live rows.
 
 Behavior log-probs are recorded inside the loop (no extra forward pass) under exactly the distribution
 sampled from: log_softmax(logits / temperature), and with top_p < 1 the nucleus-truncated, renormalized
@@ -26,6 +31,8 @@ from lowres_reft.errors import UsageError
 from lowres_reft.logprobs import head_logits
 from lowres_reft.layers import decoder_stack
 from lowres_reft.nested import skip_layers
+from lowres_reft.sampling import DecodeState, draw_uniforms, new_token_budget, nucleus_logprobs  # noqa: F401 (re-exported)
+from lowres_reft.static_engine import static_decode
 
 
 @dataclass
@@ -80,19 +87,6 @@ def check_generation_length(model: nn.Module, key: str, max_new_tokens: int) -> 
         raise UsageError(f"{key} = {max_new_tokens} exceeds the model's context length of {limit} tokens; use at most {limit}")
 
 
-def nucleus_logprobs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """(N, V) logits -> (N, V) float32 log-probs of the distribution actually sampled from."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
-        return logp
-    sorted_logp, order = logp.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
-    mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
-    drop_sorted = mass_before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
-
-
 @torch.no_grad()
 def _decode(
     model: nn.Module,
@@ -116,15 +110,10 @@ def _decode(
     attention_mask = prompt_mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     input_ids = prompt_ids
-    # Buffers sized by the real bound: no completion can run past the context window (prompt + new tokens).
-    limit = context_length(model)
-    if limit is not None:
-        max_new_tokens = max(1, min(max_new_tokens, limit - prompt_ids.shape[1]))
-    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logps = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
-    mask = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
+    steps = new_token_budget(context_length(model), prompt_ids.shape[1], max_new_tokens)
+    state = DecodeState(n, steps, pad_id, eos_ids, device)
+    uniforms = None if greedy else draw_uniforms(n, steps, generator, device)
+    for step in range(steps):
         # The decoder stack, then the same hidden -> logits map as the training recompute (`head_logits`).
         hidden = stack(
             input_ids=input_ids,
@@ -133,25 +122,18 @@ def _decode(
             use_cache=True,
             **{cache_key: cache},
         ).last_hidden_state
-        logits = head_logits(model, hidden[:, -1, :])  # (N, V)
-        if greedy:
-            token = logits.argmax(dim=-1)
-            token_logp = torch.zeros(n, device=device)
-        else:
-            logp_all = nucleus_logprobs(logits, temperature, top_p)  # (N, V) float32
-            token = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
-            token_logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
-        live = ~finished
-        tokens[:, step] = torch.where(live, token, torch.full_like(token, pad_id))
-        logps[:, step] = torch.where(live, token_logp, torch.zeros_like(token_logp))
-        mask[:, step] = live.float()
-        finished = finished | (live & torch.isin(token, eos_ids))
-        if bool(finished.all()):
+        logits = head_logits(model, hidden[:, -1, :])  # (B, V)
+        token = state.record(step, logits, None if uniforms is None else uniforms[step], temperature, top_p)
+        if state.done():
             break
-        input_ids = tokens[:, step : step + 1]
-        attention_mask = torch.cat([attention_mask, torch.ones((n, 1), dtype=attention_mask.dtype, device=device)], dim=1)
+        if state.live_count() < len(state.rows):  # rows finished: cost follows the live rows
+            keep = state.compact()
+            cache.batch_select_indices(keep)
+            token, attention_mask, position_ids = token[keep], attention_mask[keep], position_ids[keep]
+        input_ids = token[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(token), 1))], dim=1)
         position_ids = position_ids[:, -1:] + 1
-    return tokens, logps, mask, ~finished
+    return state.outputs()
 
 
 def sample(
@@ -168,12 +150,15 @@ def sample(
     greedy: bool = False,
     micro_batch: int = 0,
     on_micro_batch: Callable[[int, int, int], None] | None = None,
+    decode: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
 ) -> RolloutBatch:
     """Sample one completion per prompt (repeat prompts G times for a group) from the nested model.
 
     prompts: N token lists. Returns a RolloutBatch; behavior_logp is log mu(y_t | .) of each sampled token.
     on_micro_batch(done, total, tokens so far) is called after each micro-batch (progress display).
+    decode: the per-micro-batch decode (an engine's; default the dynamic-cache loop `_decode`).
     """
+    decode = decode or _decode
     device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()
@@ -186,7 +171,7 @@ def sample(
         with skip_layers(model, skip):
             for lo in range(0, len(prompts), size):
                 parts.append(
-                    _decode(model, prompt_ids[lo : lo + size], prompt_mask[lo : lo + size], max_new_tokens,
+                    decode(model, prompt_ids[lo : lo + size], prompt_mask[lo : lo + size], max_new_tokens,
                             temperature, top_p, eos, pad_id, generator, greedy)
                 )
                 if on_micro_batch is not None:
@@ -245,11 +230,34 @@ class LoopEngine:
     def generate(self, prompts: list[list[int]], skip: tuple[int, ...] = ()) -> RolloutBatch:
         return sample(self.model, prompts, max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
                       temperature=self.temperature, top_p=self.top_p, skip=skip, generator=self.generator,
-                      greedy=self.greedy, micro_batch=self.micro_batch, on_micro_batch=self.on_micro_batch)
+                      greedy=self.greedy, micro_batch=self.micro_batch, on_micro_batch=self.on_micro_batch,
+                      decode=self.decode)
+
+    def decode(self, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One micro-batch's decode (`_decode`'s arguments and results); an engine subclass replaces it."""
+        return _decode(*args)
 
 
-# Engines by the name `[rollout] engine` gives; the recipe is validated against these keys.
-ENGINES: dict[str, Callable[..., Engine]] = {"loop": LoopEngine}
+@dataclass
+class StaticEngine(LoopEngine):
+    """Static KV cache and buffers written in place (`static_engine.static_decode`); CUDA graphs on CUDA."""
+
+    cuda_graphs: bool = True
+
+    def decode(self, model: nn.Module, prompt_ids: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return static_decode(model, prompt_ids, *args, cache_key=_cache_kwarg(model), cuda_graphs=self.cuda_graphs,
+                             limit=context_length(model))
+
+
+def _static_eager_engine(model: nn.Module, **settings) -> Engine:
+    return StaticEngine(model, **settings, cuda_graphs=False)
+
+
+# Engines by the name `[rollout] engine` gives; the recipe is validated against these keys. "loop" is the reference;
+# "static" preallocates the KV cache and buffers and replays a CUDA graph per token on CUDA; "static_eager" is
+# "static" without CUDA graphs.
+ENGINES: dict[str, Callable[..., Engine]] = {"loop": LoopEngine, "static": StaticEngine,
+                                             "static_eager": _static_eager_engine}
 
 
 def make_engine(name: str, model: nn.Module, **settings) -> Engine:

@@ -220,4 +220,4 @@ def test_a_registered_engine_does_all_the_sampling(tmp_path, monkeypatch):
     assert len(rollouts) == 2 and all(skip for _, skip, _ in rollouts)  # one nested rollout batch per step
     assert evals and all(skip == () for _, skip, _ in evals)  # the final eval: full model, greedy
     with pytest.raises(ConfigError, match="engine must be one of 'loop'"):
-        _recipe(tmp_path, "rollout.engine=static")
+        _recipe(tmp_path, "rollout.engine=staitc")

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all decoder projections (default 16)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: temperature sampling)")
-    parser.add_argument("--engine", default="loop", help="sampling engine, as [rollout] engine (default loop)")
+    parser.add_argument("--engine", default="loop", help="sampling engine, as [rollout] engine: loop, static, static_eager (default loop)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--no-generate", dest="baseline", action="store_false", help="skip the model.generate baseline")
     parser.add_argument("--protect-first", type=int, default=1)
