@@ -187,6 +187,9 @@ class RolloutConfig:
     # The sampling engine (lowres_reft.rollout.ENGINES), used for rollouts and evaluation: "loop" = the plain
     # decode loop with a dynamic KV cache.
     engine: str = "loop"
+    # The weights the engine decodes through (lowres_reft.rollout_weights.WEIGHT_MODES): "shared4bit" = the training
+    # model's 4-bit base + LoRA; "merged16" = per generate call, a 16-bit copy of the kept layers with LoRA merged.
+    weights: str = "shared4bit"
 
     def validate(self) -> None:
         _require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
@@ -199,6 +202,9 @@ class RolloutConfig:
         from lowres_reft.rollout import ENGINES
 
         _require_choice(self.engine, "engine", ENGINES)
+        from lowres_reft.rollout_weights import WEIGHT_MODES
+
+        _require_choice(self.weights, "weights", WEIGHT_MODES)
 
 
 @dataclass(frozen=True)
@@ -455,6 +461,9 @@ def _validate_recipe(recipe: Recipe) -> None:
                           'it needs [data] name = "reasoning_gym:<task>"')
     if recipe.lora.init_lora_weights == "orthogonal" and recipe.model.load_in_4bit:
         raise ConfigError(f'{src}: [lora] init_lora_weights = "orthogonal" needs a 16/32-bit base ([model] load_in_4bit = false)')
+    if recipe.rollout.weights == "merged16" and recipe.lora.use_dora:
+        # DoRA's magnitude rescales the merged direction per output feature: not a plain weight delta.
+        raise ConfigError(f'{src}: [rollout] weights = "merged16" does not support DoRA ([lora] use_dora); use "shared4bit"')
     if recipe.model.name == "builtin:tiny":
         layers = recipe.model.tiny_layers
         if recipe.behavior.protect_first + recipe.behavior.protect_last >= layers:

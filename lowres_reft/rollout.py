@@ -26,6 +26,7 @@ from lowres_reft.errors import UsageError
 from lowres_reft.logprobs import head_logits
 from lowres_reft.layers import decoder_stack
 from lowres_reft.nested import skip_layers
+from lowres_reft.rollout_weights import WeightsEngine
 
 
 @dataclass
@@ -252,6 +253,8 @@ class LoopEngine:
 ENGINES: dict[str, Callable[..., Engine]] = {"loop": LoopEngine}
 
 
-def make_engine(name: str, model: nn.Module, **settings) -> Engine:
-    """The engine registered as `name`, for `model`, with the LoopEngine-style keyword settings."""
-    return ENGINES[name](model, **settings)
+def make_engine(name: str, model: nn.Module, weights: str = "shared4bit", **settings) -> Engine:
+    """The engine registered as `name`, for `model`, with the LoopEngine-style keyword settings, decoding through
+    the `weights` mode (`[rollout] weights`, see `rollout_weights`)."""
+    engine = ENGINES[name](model, **settings)
+    return engine if weights == "shared4bit" else WeightsEngine(engine, model, weights)
