@@ -187,8 +187,7 @@ class RolloutConfig:
     # The sampling engine (lowres_reft.rollout.ENGINES), used for rollouts and evaluation: "loop" = the plain
     # decode loop with a dynamic KV cache.
     engine: str = "loop"
-    # The weights the engine decodes through (lowres_reft.rollout_weights.WEIGHT_MODES): "shared4bit" = the training
-    # model's 4-bit base + LoRA; "merged16" = per generate call, a 16-bit copy of the kept layers with LoRA merged.
+    # What the engine decodes through (lowres_reft.rollout_weights): "shared4bit" (4-bit base + LoRA) or "merged16".
     weights: str = "shared4bit"
 
     def validate(self) -> None:
@@ -200,10 +199,9 @@ class RolloutConfig:
         _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         _require(self.micro_batch >= 0, "micro_batch", "must be >= 0")
         from lowres_reft.rollout import ENGINES
-
-        _require_choice(self.engine, "engine", ENGINES)
         from lowres_reft.rollout_weights import WEIGHT_MODES
 
+        _require_choice(self.engine, "engine", ENGINES)
         _require_choice(self.weights, "weights", WEIGHT_MODES)
 
 
@@ -462,7 +460,6 @@ def _validate_recipe(recipe: Recipe) -> None:
     if recipe.lora.init_lora_weights == "orthogonal" and recipe.model.load_in_4bit:
         raise ConfigError(f'{src}: [lora] init_lora_weights = "orthogonal" needs a 16/32-bit base ([model] load_in_4bit = false)')
     if recipe.rollout.weights == "merged16" and recipe.lora.use_dora:
-        # DoRA's magnitude rescales the merged direction per output feature: not a plain weight delta.
         raise ConfigError(f'{src}: [rollout] weights = "merged16" does not support DoRA ([lora] use_dora); use "shared4bit"')
     if recipe.model.name == "builtin:tiny":
         layers = recipe.model.tiny_layers

@@ -282,7 +282,7 @@ def test_bench_rollout_eos_spread_and_groups(tmp_path, capsys, one_thread):
 
 
 def test_useful_tokens_counts_up_to_the_first_eos():
-    from lowres_reft.bench.rollout import useful_tokens
+    from lowres_reft.bench.rollout_calls import useful_tokens
 
     completions = torch.tensor([[5, 7, 9, 2], [9, 5, 5, 5], [3, 3, 3, 3]])
     assert useful_tokens(completions, [9]) == 3 + 1 + 4
