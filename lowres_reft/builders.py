@@ -25,7 +25,7 @@ def build_engine(policy: Policy, recipe: Recipe, generator: torch.Generator, eos
     r = recipe.rollout
     return make_engine(r.engine, policy.model, max_new_tokens=r.max_new_tokens, eos_ids=eos_ids,
                        pad_id=policy.tokenizer.pad_token_id, temperature=r.temperature, top_p=r.top_p,
-                       generator=generator, micro_batch=r.micro_batch, on_micro_batch=on_micro_batch)
+                       generator=generator, micro_batch=r.micro_batch, on_micro_batch=on_micro_batch, weights=r.weights)
 
 
 def build_optimizer(policy: Policy, recipe: Recipe, log=print) -> torch.optim.Optimizer:

@@ -144,7 +144,7 @@ def load_trainer_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.micro_batch_size", "train.gradient_checkpointing",
-    "rollout.micro_batch", "rollout.engine", "loss.logprob_chunk",
+    "rollout.micro_batch", "rollout.engine", "rollout.weights", "loss.logprob_chunk",
     "data.eval_split", "data.max_eval_samples",
     "eval.every", "eval.max_new_tokens", "eval.batch_size", "eval.before_training",
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume",

@@ -192,6 +192,8 @@ class RolloutConfig:
     # decode loop with a dynamic KV cache (the reference); "static" = preallocated KV cache and buffers, one CUDA
     # graph replayed per token on CUDA (eager elsewhere); "static_eager" = "static" without CUDA graphs.
     engine: str = "loop"
+    # What the engine decodes through (lowres_reft.rollout_weights): "shared4bit" (4-bit base + LoRA) or "merged16".
+    weights: str = "shared4bit"
 
     def validate(self) -> None:
         _require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
@@ -202,8 +204,10 @@ class RolloutConfig:
         _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         _require(self.micro_batch >= 0, "micro_batch", "must be >= 0")
         from lowres_reft.rollout import ENGINES
+        from lowres_reft.rollout_weights import WEIGHT_MODES
 
         _require_choice(self.engine, "engine", ENGINES)
+        _require_choice(self.weights, "weights", WEIGHT_MODES)
 
 
 @dataclass(frozen=True)
@@ -460,12 +464,11 @@ def _validate_recipe(recipe: Recipe) -> None:
                           'it needs [data] name = "reasoning_gym:<task>"')
     if recipe.lora.init_lora_weights == "orthogonal" and recipe.model.load_in_4bit:
         raise ConfigError(f'{src}: [lora] init_lora_weights = "orthogonal" needs a 16/32-bit base ([model] load_in_4bit = false)')
-    if recipe.model.name == "builtin:tiny":
-        layers = recipe.model.tiny_layers
-        if recipe.behavior.protect_first + recipe.behavior.protect_last >= layers:
-            raise ConfigError(
-                f"{src}: [behavior] protect_first + protect_last must be < the model's {layers} layers"
-            )
+    if recipe.rollout.weights == "merged16" and recipe.lora.use_dora:
+        raise ConfigError(f'{src}: [rollout] weights = "merged16" does not support DoRA ([lora] use_dora); use "shared4bit"')
+    beh, layers = recipe.behavior, recipe.model.tiny_layers
+    if recipe.model.name == "builtin:tiny" and beh.protect_first + beh.protect_last >= layers:
+        raise ConfigError(f"{src}: [behavior] protect_first + protect_last must be < the model's {layers} layers")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -490,10 +493,5 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def recipe_to_toml(recipe: Recipe) -> str:
     """Serialize a recipe back to TOML (used to store it in checkpoints)."""
-    lines: list[str] = []
-    for section, values in recipe.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
+    return "\n".join(f"[{section}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+                     for section, values in recipe.to_dict().items())

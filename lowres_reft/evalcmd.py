@@ -385,7 +385,8 @@ def run(args: argparse.Namespace) -> int:
     generator = None if settings.greedy else torch.Generator(device=policy.device).manual_seed(settings.seed)
     engine = make_engine(recipe.rollout.engine, policy.model, max_new_tokens=settings.max_new_tokens, eos_ids=eos_ids,
                          pad_id=policy.tokenizer.pad_token_id, temperature=settings.temperature or 1.0,
-                         top_p=settings.top_p, generator=generator, greedy=settings.greedy)
+                         top_p=settings.top_p, generator=generator, greedy=settings.greedy,
+                         weights=recipe.rollout.weights)
     t0 = time.perf_counter()
     completions = sample_completions(engine, policy.tokenizer, prompts, settings.samples, settings.batch_size, progress)
     gen_seconds = time.perf_counter() - t0

@@ -31,6 +31,7 @@ from lowres_reft.errors import UsageError
 from lowres_reft.logprobs import head_logits
 from lowres_reft.layers import decoder_stack
 from lowres_reft.nested import skip_layers
+from lowres_reft.rollout_weights import WeightsEngine
 from lowres_reft.sampling import DecodeState, draw_uniforms, new_token_budget, nucleus_logprobs  # noqa: F401 (re-exported)
 from lowres_reft.static_engine import static_decode
 
@@ -260,6 +261,8 @@ ENGINES: dict[str, Callable[..., Engine]] = {"loop": LoopEngine, "static": Stati
                                              "static_eager": _static_eager_engine}
 
 
-def make_engine(name: str, model: nn.Module, **settings) -> Engine:
-    """The engine registered as `name`, for `model`, with the LoopEngine-style keyword settings."""
-    return ENGINES[name](model, **settings)
+def make_engine(name: str, model: nn.Module, weights: str = "shared4bit", **settings) -> Engine:
+    """The engine registered as `name`, for `model`, with the LoopEngine-style keyword settings, decoding through
+    the `weights` mode (`[rollout] weights`, see `rollout_weights`)."""
+    engine = ENGINES[name](model, **settings)
+    return engine if weights == "shared4bit" else WeightsEngine(engine, model, weights)

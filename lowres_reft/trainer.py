@@ -400,7 +400,8 @@ class Evaluator:
         self.run_dir, self.history, self.metrics, self.ctx = run_dir, history, metrics, ctx
         # Greedy, the full model (no layers skipped), [eval] max_new_tokens.
         self.engine = make_engine(recipe.rollout.engine, policy.model, max_new_tokens=recipe.eval.max_new_tokens,
-                                  eos_ids=eos_ids, pad_id=policy.tokenizer.pad_token_id, greedy=True)
+                                  eos_ids=eos_ids, pad_id=policy.tokenizer.pad_token_id, greedy=True,
+                                  weights=recipe.rollout.weights)
 
     def __call__(self, step: int, label: str, say) -> float:
         ctx, r, w = self.ctx, self.ctx.rank, self.ctx.world

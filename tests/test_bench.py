@@ -32,15 +32,16 @@ DEVICE = {"type": str, "name": str, "total_memory_bytes": (int, type(None)), "pe
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))
 ROLLOUT_ROW = {
-    "kind": str, "skip_ratio": OPT_NUM, "layers_total": int, "layers_skipped": int, "layers_kept": int, "skip": list,
+    "kind": str, "engine": str, "weights": str, "skip_ratio": OPT_NUM, "layers_total": int, "layers_skipped": int, "layers_kept": int, "skip": list,
     "seconds": NUM, "seconds_repeats": list, "prefill_seconds": NUM, "decode_step_seconds": OPT_NUM, "tokens": int,
-    "tokens_per_s": NUM, "speedup_vs_r0": OPT_NUM, "ideal_speedup": OPT_NUM, "fraction_of_ideal": OPT_NUM,
+    "tokens_per_s": NUM, "slot_tokens": int, "slot_tokens_per_s": NUM, "log_rho_abs_mean": OPT_NUM,
+    "log_rho_abs_max": OPT_NUM, "speedup_vs_r0": OPT_NUM, "ideal_speedup": OPT_NUM, "fraction_of_ideal": OPT_NUM,
     "weight_bytes_per_step": int, "weight_bytes_breakdown": dict, "kv_bytes_per_step_mean": int,
     "achieved_weight_bandwidth_Bps": OPT_NUM, "roofline_fraction": OPT_NUM, "peak_gpu_mem_bytes": (int, type(None)),
     "max_rss_bytes": int,
 }
 ROLLOUT_SUMMARY = {"t_other_s": NUM, "t_layers_s": NUM, "t_other_share": NUM, "ours_r0_speedup_vs_generate": OPT_NUM,
-                   "model_bytes": dict, "peak_gpu_mem_bytes": (int, type(None)), "max_rss_bytes": int}
+                   "groups": list, "model_bytes": dict, "peak_gpu_mem_bytes": (int, type(None)), "max_rss_bytes": int}
 STEP_ROW = {
     "step": int, "skip_sets": list, "layers_total": int, "layers_kept": list, "sequences": int, "rollout_tokens": int,
     "rollout_seconds": NUM, "rollout_tokens_per_s": NUM, "logprob_backward_seconds": NUM, "optimizer_seconds": NUM,
@@ -68,7 +69,8 @@ def _check_types(obj: dict, spec: dict, where: str) -> None:
 
 def _check_envelope(report: dict, command: str) -> None:
     _check_types(report, TOP_LEVEL, "report")
-    assert report["schema_version"] == 1 and report["command"] == command
+    # bench rollout's report is schema 2 (engine/weights groups, useful vs slot tokens); the others stay at 1.
+    assert report["schema_version"] == (2 if command == "bench rollout" else 1) and report["command"] == command
     _check_types(report["device"], DEVICE, "device")
     assert report["device"]["type"] == "cpu" and report["device"]["peak_bandwidth_Bps"] is None
     assert report["timestamp"].endswith("Z")
@@ -178,7 +180,7 @@ def test_bench_rollout_cpu_tiny(tmp_path, capsys, one_thread):
     for row in rows:
         _check_types(row, ROLLOUT_ROW, f"results[{row['kind']}]")
         assert len(row["seconds_repeats"]) == 3 and row["seconds"] > 0 and row["tokens_per_s"] > 0
-        assert row["tokens"] == 4 * 8  # exactly --new-tokens per sequence
+        assert row["tokens"] == row["slot_tokens"] == 4 * 8  # exactly --new-tokens per sequence
         assert row["layers_kept"] + row["layers_skipped"] == row["layers_total"] == 6
         assert len(row["skip"]) == row["layers_skipped"] and len(set(row["skip"])) == len(row["skip"])
         assert row["peak_gpu_mem_bytes"] is None and row["roofline_fraction"] is None and row["max_rss_bytes"] > 0
@@ -236,6 +238,10 @@ def test_bench_step_cpu_tiny(tmp_path, capsys, one_thread):
     (["bench", "rollout", "--model-config", "tiny"], "--random-weights"),
     (["bench", "rollout", "--random-weights"], "--model-config"),
     (["bench", "rollout", "--model-config", "tiny", "--random-weights", "--batch", "0"], "--batch"),
+    (["bench", "rollout", "--model-config", "tiny", "--random-weights", "--weights", "merged"], "--weights"),
+    (["bench", "rollout", "--model-config", "tiny", "--random-weights", "--engines", "loop,fast"], "--engines"),
+    (["bench", "rollout", "--model-config", "tiny", "--random-weights", "--prompt-len", "8", "--prompt-len-spread", "8"],
+     "--prompt-len-spread"),
     (["bench", "step", "--recipe", "recipes/tiny-cpu.toml", "--model-config", "tiny"], "--random-weights"),
     (["bench", "step", "--recipe", "missing.toml", "--random-weights"], "missing.toml"),
 ])
@@ -243,3 +249,42 @@ def test_bench_usage_errors(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_rollout_eos_spread_and_groups(tmp_path, capsys, one_thread):
+    """Variable prompt lengths, completions ending at EOS (useful < slot tokens), engines x weights side by side, and
+    |log rho| at skip 0 per group (merged16 in float32 on the CPU: ~0)."""
+    out = tmp_path / "rollout.json"
+    code = main(["bench", "rollout", *TINY_ARGS, "--batch", "8", "--prompt-len", "10", "--prompt-len-spread", "6",
+                 "--new-tokens", "16", "--eos-mean", "4", "--skip-ratios", "0.25", "--repeats", "1", "--warmup", "0",
+                 "--weights", "shared4bit,merged16", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    report = json.loads(out.read_text())
+    cfg, rows = report["config"], report["results"]
+    assert len(set(cfg["prompt_lens"])) > 1 and min(cfg["prompt_lens"]) >= 4 and max(cfg["prompt_lens"]) <= 10
+    assert cfg["eos_ids_count"] == round(1024 / 4) and cfg["weights"] == ["shared4bit", "merged16"]
+    assert [(r["kind"], r["weights"]) for r in rows] == [
+        ("ours", "shared4bit"), ("generate", "shared4bit"), ("ours", "shared4bit"), ("calibration", "shared4bit"),
+        ("ours", "merged16"), ("ours", "merged16"), ("calibration", "merged16")]
+    for row in rows:
+        _check_types(row, ROLLOUT_ROW, f"results[{row['kind']}]")
+        assert 0 < row["tokens"] <= row["slot_tokens"] <= 8 * 16 and row["slot_tokens"] % 8 == 0
+    # With a stop set of V/4 tokens, some rows end early: fewer useful than slot tokens somewhere.
+    assert any(row["tokens"] < row["slot_tokens"] for row in rows)
+    groups = report["summary"]["groups"]
+    assert [(g["engine"], g["weights"]) for g in groups] == [("loop", "shared4bit"), ("loop", "merged16")]
+    for g in groups:
+        assert 0 <= g["log_rho_abs_mean"] <= g["log_rho_abs_max"] < 1e-3 and g["r0_speedup_vs_generate"] > 0
+    # The merged copies are counted at 32 bits (CPU float32): more weight bytes per step than the 4-bit base.
+    by = {(r["kind"], r["weights"], r["skip_ratio"]): r for r in rows}
+    assert by[("ours", "merged16", 0.0)]["weight_bytes_per_step"] > by[("ours", "shared4bit", 0.0)]["weight_bytes_per_step"]
+
+
+def test_useful_tokens_counts_up_to_the_first_eos():
+    from lowres_reft.bench.rollout_calls import useful_tokens
+
+    completions = torch.tensor([[5, 7, 9, 2], [9, 5, 5, 5], [3, 3, 3, 3]])
+    assert useful_tokens(completions, [9]) == 3 + 1 + 4
+    assert useful_tokens(completions, [9, 3]) == 3 + 1 + 1
+    assert useful_tokens(completions, []) == 12

@@ -129,7 +129,8 @@ def test_greedy_eval_honours_require_final_answer(monkeypatch):
     from types import SimpleNamespace
 
     recipe = SimpleNamespace(eval=SimpleNamespace(max_new_tokens=40, batch_size=2),
-                             reward=SimpleNamespace(require_final_answer=True), rollout=SimpleNamespace(engine="loop"))
+                             reward=SimpleNamespace(require_final_answer=True),
+                             rollout=SimpleNamespace(engine="loop", weights="shared4bit"))
     policy = SimpleNamespace(model=None, tokenizer=tok)
     ctx = SimpleNamespace(rank=0, world=1, is_main=False, enabled=False)
     Evaluator(policy, recipe, problems, [[5], [5]], [1], None, [], None, ctx)(0, "x", print)

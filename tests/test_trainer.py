@@ -221,3 +221,21 @@ def test_a_registered_engine_does_all_the_sampling(tmp_path, monkeypatch):
     assert evals and all(skip == () for _, skip, _ in evals)  # the final eval: full model, greedy
     with pytest.raises(ConfigError, match="engine must be one of 'loop'"):
         _recipe(tmp_path, "rollout.engine=staitc")
+
+
+def test_merged16_rollout_weights_serve_the_training_rollouts(tmp_path, monkeypatch):
+    """[rollout] weights = "merged16": each rollout batch materializes its kept layers (skip set known), the
+    final greedy eval the full model; the run trains and the model is restored between rollouts."""
+    from lowres_reft import rollout_weights
+
+    seen = []
+    real = rollout_weights.merged_weights
+
+    def counting(model, skip):
+        seen.append(tuple(skip))
+        return real(model, skip)
+
+    monkeypatch.setattr(rollout_weights, "merged_weights", counting)
+    trainer.train(_recipe(tmp_path, "log.run_name=merged", "train.steps=2", "rollout.weights=merged16",
+                          "eval.before_training=false", "behavior.skip_ratio=0.25"), log=lambda *a: None)
+    assert len(seen) >= 3 and all(seen[:2]) and seen[-1] == ()  # 2 nested rollout batches, then the eval

@@ -256,11 +256,13 @@ def environment(device) -> dict[str, Any]:
             "bitsandbytes": bnb_version, "peft": peft_version, "python": platform.python_version()}
 
 
-def make_report(command: str, device, config: dict, summary: dict, results: list[dict]) -> dict:
-    """The JSON report (`schema_version` 1, see BENCHMARKS.md): environment, run config, summary, result rows."""
+def make_report(command: str, device, config: dict, summary: dict, results: list[dict],
+                schema_version: int = SCHEMA_VERSION) -> dict:
+    """The JSON report (`schema_version` 1 unless the command's own is given, see BENCHMARKS.md): environment, run
+    config, summary, result rows."""
     env = environment(device)
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version,
         "command": command,
         "device": env.pop("device"),
         **env,
