@@ -16,7 +16,9 @@ arithmetic text that is *not* the word-problem format of `lowres_reft.data` (`pr
 equations ("7+5=12"), phrases that state an operation in other words and then write it as an equation ("the sum
 of 7 and 5 is 7+5=12"), and "scenes" (a sentence or two of random-word prose holding two numbers, then a line
 "add: 7+5=12"), each piece followed by end-of-text; the "reasoning" corpus (`[model] tiny_corpus`) adds chains
-of carried equations ("7+5=12. 12-3=9."), bare or after prose holding their operands. With LayerDrop (each middle
+of carried equations ("7+5=12. 12-3=9."), bare or after a text to read their operands from (notes "7. 5 more.
+Lost 3.", or a story of random-word sentences where a cue word says what to do with each operand, mixed with
+sentences holding numbers the chain does not use). With LayerDrop (each middle
 layer skipped with probability `[model] tiny_layerdrop` in each step, through the behavior policy's own
 `skip_layers`; 0 = never, like a real checkpoint), so the model still works as a nested model. So the base can
 copy numbers out of text and do the arithmetic, but has never seen "Question: ... Answer:" or the word problems'
@@ -56,7 +58,7 @@ class PretrainPhase:
     lr: float
     warmup: int
     # Mix of the pieces of text: bare equations, scenes (prose, then the equation on the next line), chains
-    # (2-4 equations, each starting from the previous result, bare or after prose holding their operands), and
+    # (2-4 equations, each starting from the previous result, bare or after notes / a story holding their operands), and
     # phrases (the rest: "the sum of 7 and 5 is 7+5=12").
     eq_fraction: float
     scene_fraction: float
@@ -113,8 +115,11 @@ def pretrain_settings(steps: int, layer_drop: float = 0.3, corpus: str = "arithm
     a paragraph across a line break and to do arithmetic after prose.
 
     corpus "reasoning" (for builtin:reasoning): the same, plus chains of 2-4 carried equations ("7+5=12. 12-3=9.")
-    in both phases, after prose holding their operands in order in phase 2 (rows of 160, 12 per batch, so that
-    a chain after its prose fits in a row).
+    in both phases: bare, or after a text to read their operands from: in phase 1 (rows of 96, 24 per batch) short
+    notes ("7. 5 more. Lost 3."), in phase 2 (rows of 224, 8 per batch, so that a chain after its story fits in a
+    row) stories with filler words and sentences holding numbers the chain does not use (`_story`). Without the
+    notes and the cue words a 6 x 64 base never learned to copy the operands out of prose (0 of 60 chains in order
+    after 1200 steps), and wrote the same chain whatever the question.
     """
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
