@@ -210,7 +210,7 @@ _LABELS = {"+": ("add", "sum", "total"), "-": ("subtract", "difference", "minus"
            "*": ("multiply", "product", "times")}
 
 
-def _sentence(rng: random.Random, numbers: tuple[int, ...] = (), words: tuple[int, int] = (4, 10)) -> str:
+def _sentence(rng: random.Random, numbers: tuple[int | str, ...] = (), words: tuple[int, int] = (4, 10)) -> str:
     words = [rng.choice(_WORDS) for _ in range(rng.randint(*words))]
     slots = sorted(rng.sample(range(1, len(words) + 1), len(numbers)))
     for offset, (slot, number) in enumerate(zip(slots, numbers)):
@@ -294,26 +294,27 @@ def _cued(rng: random.Random, n: int, op: str) -> str:
             " ".join(words)) + "."
 
 
-def _notes(rng: random.Random, steps: list[tuple[int, str, int, int]]) -> str:
-    """A chain's story without filler: "16. Lost 4. 1 more. 2 times." (short, dense reading practice)."""
+def _opening(rng: random.Random, steps: list[tuple[int, str, int, int]]) -> tuple[str, list]:
+    """The start of a chain's story and the steps whose operand comes later, each with its cue: a first product's
+    operands together ("5 rows of 3"), else the first operand alone."""
     a, op, b, _ = steps[0]
     if op == "*" and rng.random() < 0.7:
-        opening, cued = f"{a} rows of {b}.", steps[1:]
-    else:
-        opening, cued = f"{a}.", steps
-    return " ".join([opening] + [rng.choice(_CUES[op]).format(n=b).capitalize() + "." for _, op, b, _ in cued])
+        return f"{a} rows of {b}", steps[1:]
+    return str(a), steps
+
+
+def _notes(rng: random.Random, steps: list[tuple[int, str, int, int]]) -> str:
+    """A chain's story without filler: "16. Lost 4. 1 more. 2 times." (short, dense reading practice)."""
+    opening, cued = _opening(rng, steps)
+    return " ".join([opening + "."] + [rng.choice(_CUES[op]).format(n=b).capitalize() + "." for _, op, b, _ in cued])
 
 
 def _story(rng: random.Random, steps: list[tuple[int, str, int, int]]) -> str:
     """The prose of a chain's story: the opening holds the first equation's operands when it is a product
     ("5 rows of 3 ..."), else its first operand; each later operand comes in a cued sentence (`_CUES`), in order;
     0-2 sentences with unused numbers go anywhere after the opening; sometimes a closing sentence without numbers."""
-    a, op, b, _ = steps[0]
-    if op == "*" and rng.random() < 0.7:
-        opening, cued = _sentence(rng, (f"{a} rows of {b}",), words=(2, 5)), steps[1:]
-    else:
-        opening, cued = _sentence(rng, (a,), words=(2, 5)), steps
-    sentences = [opening] + [_cued(rng, b, op) for _, op, b, _ in cued]
+    opening, cued = _opening(rng, steps)
+    sentences = [_sentence(rng, (opening,), words=(2, 5))] + [_cued(rng, b, op) for _, op, b, _ in cued]
     for _ in range(rng.choice((0, 1, 1, 2))):
         sentences.insert(rng.randint(1, len(sentences)), _sentence(rng, (rng.randint(2, 20),), words=(2, 5)))
     if rng.random() < 0.5:
