@@ -61,12 +61,18 @@ class ModelConfig:
     # Text of that pretraining: "arithmetic" (equations, phrases, scenes) or "reasoning" (also chains of carried
     # equations, for builtin:reasoning); see tiny.pretrain_settings. Part of the cache key.
     tiny_corpus: Literal["arithmetic", "reasoning"] = "arithmetic"
+    # Attention heads of the tiny model, each with its own key/value head (0 = one query head per 32 hidden units
+    # sharing key/value heads, the original size). More, narrower heads help a tiny base learn to copy numbers out
+    # of prose (builtin:reasoning). Part of the cache directory's name.
+    tiny_heads: int = 0
 
     def validate(self) -> None:
         _require(self.tiny_layers >= 2, "tiny_layers", "must be >= 2")
         _require(self.tiny_hidden >= 32 and self.tiny_hidden % 32 == 0, "tiny_hidden", "must be a multiple of 32")
         _require(self.tiny_pretrain_steps >= 0, "tiny_pretrain_steps", "must be >= 0")
         _require(0.0 <= self.tiny_layerdrop < 1.0, "tiny_layerdrop", "must be in [0, 1)")
+        _require(self.tiny_heads >= 0 and (self.tiny_heads == 0 or self.tiny_hidden % (2 * self.tiny_heads) == 0),
+                 "tiny_heads", "must be 0 or divide tiny_hidden into heads of an even size")
 
 
 @dataclass(frozen=True)

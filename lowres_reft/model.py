@@ -55,7 +55,8 @@ def model_path(cfg: ModelConfig, cache_dir: str | Path) -> str:
     check_model_name(cfg)
     if cfg.name == TINY_NAME:
         return str(ensure_tiny_model(Path(cache_dir) / "_builtin", cfg.tiny_layers, cfg.tiny_hidden,
-                                     pretrain_steps=cfg.tiny_pretrain_steps, layer_drop=cfg.tiny_layerdrop, corpus=cfg.tiny_corpus))
+                                     pretrain_steps=cfg.tiny_pretrain_steps, layer_drop=cfg.tiny_layerdrop, corpus=cfg.tiny_corpus,
+                                     heads=cfg.tiny_heads))
     return cfg.name
 
 

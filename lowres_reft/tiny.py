@@ -16,7 +16,9 @@ arithmetic text that is *not* the word-problem format of `lowres_reft.data` (`pr
 equations ("7+5=12"), phrases that state an operation in other words and then write it as an equation ("the sum
 of 7 and 5 is 7+5=12"), and "scenes" (a sentence or two of random-word prose holding two numbers, then a line
 "add: 7+5=12"), each piece followed by end-of-text; the "reasoning" corpus (`[model] tiny_corpus`) adds chains
-of carried equations ("7+5=12. 12-3=9."), bare or after prose holding their operands. With LayerDrop (each middle
+of carried equations ("7+5=12. 12-3=9."), bare or after a text to read their operands from (notes "7. 5 more.
+Lost 3.", or a story of random-word sentences where a cue word says what to do with each operand, mixed with
+sentences holding numbers the chain does not use). With LayerDrop (each middle
 layer skipped with probability `[model] tiny_layerdrop` in each step, through the behavior policy's own
 `skip_layers`; 0 = never, like a real checkpoint), so the model still works as a nested model. So the base can
 copy numbers out of text and do the arithmetic, but has never seen "Question: ... Answer:" or the word problems'
@@ -45,7 +47,7 @@ PAD, EOS = "<pad>", "<|endoftext|>"
 # The tokenizer's characters, one token each (ids 2..97 in this order): printable ASCII and the newline.
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 # Bump when the corpus generator or the training loop changes (the cache key includes it).
-PRETRAIN_VERSION = 3
+PRETRAIN_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class PretrainPhase:
     lr: float
     warmup: int
     # Mix of the pieces of text: bare equations, scenes (prose, then the equation on the next line), chains
-    # (2-4 equations, each starting from the previous result, bare or after prose holding their operands), and
+    # (2-4 equations, each starting from the previous result, bare or after notes / a story holding their operands), and
     # phrases (the rest: "the sum of 7 and 5 is 7+5=12").
     eq_fraction: float
     scene_fraction: float
@@ -115,8 +117,11 @@ def pretrain_settings(steps: int, layer_drop: float = 0.3, corpus: str = "arithm
     a paragraph across a line break and to do arithmetic after prose.
 
     corpus "reasoning" (for builtin:reasoning): the same, plus chains of 2-4 carried equations ("7+5=12. 12-3=9.")
-    in both phases, after prose holding their operands in order in phase 2 (rows of 160, 12 per batch, so that
-    a chain after its prose fits in a row).
+    in both phases: bare, or after a text to read their operands from: in phase 1 (rows of 96, 24 per batch) short
+    notes ("7. 5 more. Lost 3."), in phase 2 (rows of 224, 8 per batch, so that a chain after its story fits in a
+    row) stories with filler words and sentences holding numbers the chain does not use (`_story`). Without the
+    notes and the cue words a 6 x 64 base never learned to copy the operands out of prose (0 of 60 chains in order
+    after 1200 steps), and wrote the same chain whatever the question.
     """
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
@@ -129,9 +134,9 @@ def pretrain_settings(steps: int, layer_drop: float = 0.3, corpus: str = "arithm
                           scene_fraction=0.5, context_loss_weight=0.0, restate_fraction=0.0),
         ))
     return PretrainSettings(layer_drop=layer_drop, phases=(
-        PretrainPhase(steps=first, batch_size=32, seq_len=64, lr=5e-3, warmup=30, eq_fraction=0.4, scene_fraction=0.0,
-                      context_loss_weight=1.0, restate_fraction=0.3, chain_fraction=0.3),
-        PretrainPhase(steps=steps - first, batch_size=12, seq_len=160, lr=3e-3, warmup=10, eq_fraction=0.2,
+        PretrainPhase(steps=first, batch_size=24, seq_len=96, lr=5e-3, warmup=30, eq_fraction=0.4, scene_fraction=0.0,
+                      context_loss_weight=1.0, restate_fraction=0.3, chain_fraction=0.4),
+        PretrainPhase(steps=steps - first, batch_size=8, seq_len=224, lr=3e-3, warmup=10, eq_fraction=0.2,
                       scene_fraction=0.4, context_loss_weight=0.0, restate_fraction=0.0, chain_fraction=0.6),
     ))
 
@@ -165,21 +170,25 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD)
 
 
-def tiny_config(layers: int, hidden: int, vocab_size: int):
+def tiny_config(layers: int, hidden: int, vocab_size: int, heads: int = 0):
+    """`heads` > 0: that many attention heads of hidden // heads units, each with its own key/value head; 0: one
+    head per 32 units sharing hidden // 64 key/value heads (the original size)."""
     from transformers import Qwen2Config
 
+    sized = {"head_dim": hidden // heads} if heads else {}
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 32),
-        num_key_value_heads=max(1, hidden // 64),
+        num_attention_heads=heads or max(1, hidden // 32),
+        num_key_value_heads=heads or max(1, hidden // 64),
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=1,
         pad_token_id=0,
+        **sized,
     )
 
 
@@ -203,7 +212,7 @@ _LABELS = {"+": ("add", "sum", "total"), "-": ("subtract", "difference", "minus"
            "*": ("multiply", "product", "times")}
 
 
-def _sentence(rng: random.Random, numbers: tuple[int, ...] = (), words: tuple[int, int] = (4, 10)) -> str:
+def _sentence(rng: random.Random, numbers: tuple[int | str, ...] = (), words: tuple[int, int] = (4, 10)) -> str:
     words = [rng.choice(_WORDS) for _ in range(rng.randint(*words))]
     slots = sorted(rng.sample(range(1, len(words) + 1), len(numbers)))
     for offset, (slot, number) in enumerate(zip(slots, numbers)):
@@ -263,16 +272,56 @@ def random_operation(rng: random.Random, s: PretrainSettings, a: int | None = No
     return (a, op, b, a * b) if rng.random() < 0.5 else (b, op, a, a * b)
 
 
-def _chain(rng: random.Random, s: PretrainSettings) -> tuple[list[int], str]:
-    """2-4 equations, each starting from the previous result: the operands in order (the first equation's two,
-    then one per equation) and the text "7+5=12. 12-3=9. 9*2=18."."""
-    a, op, b, c = random_operation(rng, s)
-    operands, eqs = [a, b], [f"{a}{op}{b}={c}"]
+def _chain(rng: random.Random, s: PretrainSettings) -> tuple[list[tuple[int, str, int, int]], str]:
+    """2-4 equations, each starting from the previous result: their (a, op, b, c) and the text
+    "7+5=12. 12-3=9. 9*2=18."."""
+    steps = [random_operation(rng, s)]
     for _ in range(rng.randint(1, 3)):
-        a, op, b, c = random_operation(rng, s, c)
-        operands.append(b)
-        eqs.append(f"{a}{op}{b}={c}")
-    return operands, " ".join(eq + "." for eq in eqs)
+        steps.append(random_operation(rng, s, steps[-1][3]))
+    return steps, " ".join(f"{a}{op}{b}={c}." for a, op, b, c in steps)
+
+
+# Stories (the reasoning corpus): reading practice. Prose whose first sentence holds the chain's start and whose
+# later sentences each hold one more operand with a word that says what to do with it, mixed with sentences holding
+# numbers that the chain does not use (no such word), then the chain. Plain words, not the word problems' wording
+# (no names, objects, "buys", "gives away", "bags with ... each", "How many"): the warm-up maps those onto these.
+_CUES = {"+": ("{n} more", "{n} more came", "added {n}"), "-": ("lost {n}", "{n} fewer", "took away {n}"),
+         "*": ("{n} times as many", "{n} times")}
+
+
+def _cued(rng: random.Random, n: int, op: str) -> str:
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(1, 4))]
+    cue = rng.choice(_CUES[op]).format(n=n)
+    return (" ".join(words).capitalize() + " " + cue if rng.random() < 0.7 else cue.capitalize() + " " +
+            " ".join(words)) + "."
+
+
+def _opening(rng: random.Random, steps: list[tuple[int, str, int, int]]) -> tuple[str, list]:
+    """The start of a chain's story and the steps whose operand comes later, each with its cue: a first product's
+    operands together ("5 rows of 3"), else the first operand alone."""
+    a, op, b, _ = steps[0]
+    if op == "*" and rng.random() < 0.7:
+        return f"{a} rows of {b}", steps[1:]
+    return str(a), steps
+
+
+def _notes(rng: random.Random, steps: list[tuple[int, str, int, int]]) -> str:
+    """A chain's story without filler: "16. Lost 4. 1 more. 2 times." (short, dense reading practice)."""
+    opening, cued = _opening(rng, steps)
+    return " ".join([opening + "."] + [rng.choice(_CUES[op]).format(n=b).capitalize() + "." for _, op, b, _ in cued])
+
+
+def _story(rng: random.Random, steps: list[tuple[int, str, int, int]]) -> str:
+    """The prose of a chain's story: the opening holds the first equation's operands when it is a product
+    ("5 rows of 3 ..."), else its first operand; each later operand comes in a cued sentence (`_CUES`), in order;
+    0-2 sentences with unused numbers go anywhere after the opening; sometimes a closing sentence without numbers."""
+    opening, cued = _opening(rng, steps)
+    sentences = [_sentence(rng, (opening,), words=(2, 5))] + [_cued(rng, b, op) for _, op, b, _ in cued]
+    for _ in range(rng.choice((0, 1, 1, 2))):
+        sentences.insert(rng.randint(1, len(sentences)), _sentence(rng, (rng.randint(2, 20),), words=(2, 5)))
+    if rng.random() < 0.5:
+        sentences.append(_sentence(rng, words=(3, 7)))
+    return " ".join(sentences)
 
 
 def arithmetic_piece(rng: random.Random, s: PretrainSettings, phase: PretrainPhase) -> tuple[str, str]:
@@ -281,11 +330,12 @@ def arithmetic_piece(rng: random.Random, s: PretrainSettings, phase: PretrainPha
     holds its operands in order, one per sentence); a single equation sometimes restates its result. The text is
     context + equations."""
     if phase.chain_fraction > 0 and rng.random() < phase.chain_fraction:  # no extra draw without chains
-        operands, chain = _chain(rng, s)
-        if phase.scene_fraction == 0.0 or rng.random() < 0.2:  # prose only in the phases that have scenes
+        steps, chain = _chain(rng, s)
+        if rng.random() < 0.2:
             return "", chain
-        prose = " ".join(_sentence(rng, (n,), words=(2, 5)) for n in operands)
-        return prose + "\n", chain
+        if phase.scene_fraction == 0.0:  # short rows: the operands with their cues only, no filler words
+            return _notes(rng, steps) + "\n", chain
+        return _story(rng, steps) + "\n", chain
     a, op, b, c = _single_operation(rng, s)
     eq = f"{a}{op}{b}={c}"
     kind = rng.random()
@@ -385,10 +435,11 @@ def pretrain_key(layers: int, hidden: int, seed: int, settings: PretrainSettings
 
 
 def tiny_dir_name(layers: int, hidden: int, pretrain_steps: int = 0, seed: int = 0, layer_drop: float = 0.3,
-                  corpus: str = "arithmetic") -> str:
-    """Cache directory name: `tiny-qwen2-L{layers}-H{hidden}`, plus `-pt{steps}-{hash}` when pretrained (the hash
-    covers the LayerDrop rate and the corpus, with every other pretraining setting)."""
-    name = f"tiny-qwen2-L{layers}-H{hidden}"
+                  corpus: str = "arithmetic", heads: int = 0) -> str:
+    """Cache directory name: `tiny-qwen2-L{layers}-H{hidden}`, plus `-A{heads}` with a head count given, plus
+    `-pt{steps}-{hash}` when pretrained (the hash covers the LayerDrop rate and the corpus, with every other
+    pretraining setting)."""
+    name = f"tiny-qwen2-L{layers}-H{hidden}" + (f"-A{heads}" if heads else "")
     if pretrain_steps > 0:
         settings = pretrain_settings(pretrain_steps, layer_drop, corpus)
         name += f"-pt{pretrain_steps}-{pretrain_key(layers, hidden, seed, settings)}"
@@ -396,7 +447,7 @@ def tiny_dir_name(layers: int, hidden: int, pretrain_steps: int = 0, seed: int =
 
 
 def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int = 0, pretrain_steps: int = 0,
-                      log=print, layer_drop: float = 0.3, corpus: str = "arithmetic") -> Path:
+                      log=print, layer_drop: float = 0.3, corpus: str = "arithmetic", heads: int = 0) -> Path:
     """Build (once) and return the directory of the tiny model + tokenizer. Safe against partial writes.
 
     `pretrain_steps > 0` pretrains the model on arithmetic text first, with LayerDrop rate `layer_drop` (see
@@ -404,17 +455,18 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
     """
     from transformers import Qwen2ForCausalLM
 
-    target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed, layer_drop, corpus)
+    target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed, layer_drop, corpus, heads)
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     tokenizer = build_tokenizer()
     vocab_size = 64 * ((len(tokenizer) + 63) // 64)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(tiny_config(layers, hidden, vocab_size))
+        model = Qwen2ForCausalLM(tiny_config(layers, hidden, vocab_size, heads))
         if pretrain_steps > 0:
             if log is not None:
-                log(f"building the tiny model: pretraining {layers} layers x {hidden} on arithmetic text "
+                log(f"building the tiny model: pretraining {layers} layers x {hidden} ({model.config.num_attention_heads} "
+                    f"heads) on arithmetic text "
                     f"({pretrain_steps} steps, {corpus} corpus, LayerDrop {layer_drop:g}, cached in {target})")
             with torch.enable_grad():
                 pretrain(model, tokenizer, pretrain_settings(pretrain_steps, layer_drop, corpus), seed, log)

@@ -152,4 +152,4 @@ def test_reasoning_recipe_loads_and_runs_two_steps_with_layerdrop_zero(tmp_path)
     assert main(["run", str(root / "recipes" / "tiny-reasoning.toml"), *[a for s in sets for a in ("--set", s)]]) == 0
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["stage"] == "rl"] == [1, 2]
-    assert all(len(r["skip_set"]) == 2 for r in records if r["stage"] == "rl")  # r = 0.25 of 6 layers
+    assert all(len(r["skip_set"]) == 1 for r in records if r["stage"] == "rl")  # r = 0.16 of 6 layers: 1

@@ -56,6 +56,30 @@ def _check_equation(eq: str, settings, chain: bool) -> tuple[int, str, int, int]
     return a, op, b, c
 
 
+_CUE_WORDS = {"+": ("more", "added"), "-": ("lost", "fewer", "took away"), "*": ("times",)}
+
+
+def _check_story(context: str, eqs: list[tuple[str, ...]], filler: bool) -> None:
+    """The story's opening holds the chain's start ("7." or "5 rows of 3" for a first product); then every later
+    operand in order, each in a sentence with its operation's cue; with filler, any other number is in a sentence
+    without a cue (a distractor)."""
+    sentences = context.strip().split(". ")
+    first = eqs[0]
+    rows = re.search(r"(\d+) rows of (\d+)", sentences[0])
+    if rows:
+        assert first[1] == "*" and rows.groups() == (first[0], first[2])
+        cued_steps = eqs[1:]
+    else:
+        assert re.findall(r"\d+", sentences[0]) == [first[0]]
+        cued_steps = eqs
+    cued = [s.lower() for s in sentences[1:] if any(w in s.lower() for words in _CUE_WORDS.values() for w in words)]
+    assert len(cued) == len(cued_steps)
+    for sentence, (_, op, b, _) in zip(cued, cued_steps):
+        assert re.findall(r"\d+", sentence) == [b] and any(w in sentence for w in _CUE_WORDS[op]), sentence
+    if not filler:  # notes: nothing but the operands and their cues
+        assert len(sentences) == 1 + len(cued)
+
+
 @pytest.mark.parametrize("corpus", ["arithmetic", "reasoning"])
 def test_pieces_hold_true_equations_and_carried_chains_within_the_ranges(corpus):
     settings = pretrain_settings(12, corpus=corpus)
@@ -72,15 +96,16 @@ def test_pieces_hold_true_equations_and_carried_chains_within_the_ranges(corpus)
                     assert eq[0] == prev[3]
                 for a, op, b, c in eqs:
                     _check_equation(f"{a}{op}{b}={c}", settings, chain=True)
-                if context:  # the prose holds the operands in order, one per sentence
-                    operands = [eqs[0][0]] + [eq[2] for eq in eqs]
-                    assert re.findall(r"\d+", context) == operands and context.endswith("\n")
+                if context:  # a story: the operands in order, each after the first with its operation's cue word
+                    assert context.endswith("\n")
+                    kinds.add("story" if phase.scene_fraction else "notes")
+                    _check_story(context, eqs, filler=phase.scene_fraction > 0)
                 continue
             a, _, b, _ = _check_equation(_EQ.match(text).group(0), settings, chain=False)
             kinds.add("bare" if not context else "scene" if "\n" in context else "phrase")
             if context:  # the context names both operands before the equation uses them
                 assert str(a) in context and str(b) in context
-    chains = {"chain", "prose chain"} if corpus == "reasoning" else set()  # the arithmetic demo's corpus has none
+    chains = {"chain", "prose chain", "story", "notes"} if corpus == "reasoning" else set()  # the arithmetic demo's corpus has none
     assert kinds == {"bare", "scene", "phrase"} | chains
 
 
@@ -164,6 +189,7 @@ def test_cache_dir_names_the_pretraining_and_a_built_model_is_reused(tmp_path):
     assert tiny_dir_name(4, 64, 100, layer_drop=0.0) != a and tiny_dir_name(4, 64, 100, layer_drop=0.3) == a
     assert tiny_dir_name(4, 64, 100, corpus="reasoning") != a
     assert tiny_dir_name(4, 64, layer_drop=0.0) == "tiny-qwen2-L4-H64"  # no pretraining: nothing to drop
+    assert tiny_dir_name(4, 64, heads=4) == "tiny-qwen2-L4-H64-A4"  # another shape is another model
     lines: list[str] = []
     path = ensure_tiny_model(tmp_path, 2, 32, pretrain_steps=3, log=lines.append)
     assert path.name == tiny_dir_name(2, 32, 3) and (path / "model.safetensors").is_file()
@@ -175,6 +201,13 @@ def test_cache_dir_names_the_pretraining_and_a_built_model_is_reused(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+def test_tiny_heads_sets_full_attention_heads_and_the_default_keeps_the_original_shape():
+    config = tiny_config(6, 64, 128, heads=4)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 4, 16)
+    config = tiny_config(6, 64, 128)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (2, 1)
+
+
 def test_negative_pretrain_steps_is_a_config_error():
     from lowres_reft.config import load_recipe
     from lowres_reft.errors import ConfigError
@@ -183,3 +216,5 @@ def test_negative_pretrain_steps_is_a_config_error():
         load_recipe(str(ROOT / "recipes" / "tiny-cpu.toml"), ["model.tiny_pretrain_steps=-1"])
     with pytest.raises(ConfigError, match="tiny_layerdrop"):
         load_recipe(str(ROOT / "recipes" / "tiny-cpu.toml"), ["model.tiny_layerdrop=1.0"])
+    with pytest.raises(ConfigError, match="tiny_heads"):
+        load_recipe(str(ROOT / "recipes" / "tiny-cpu.toml"), ["model.tiny_heads=3"])  # 64 / 3: not whole heads
