@@ -46,9 +46,8 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Attention kernel handed to transformers ("sdpa" everywhere, "eager" for debugging).
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    # Compute the LM head matmul in float32 (hidden and weight upcast for it) in rollout and update alike, so
-    # behavior and recomputed log-probs do not differ by the rounding of bf16 logits. Costs a float32 copy of the
-    # head's weight per call (transient), no persistent one.
+    # LM head matmul in float32 in rollout and update alike (no bf16 rounding of logits between behavior and
+    # recomputed log-probs); a transient float32 copy of the head's weight per call, no persistent one.
     lm_head_fp32: bool = False
     # Sizes of the builtin tiny model (only used with name = "builtin:tiny").
     tiny_layers: int = 6
@@ -61,9 +60,8 @@ class ModelConfig:
     # Text of that pretraining: "arithmetic" (equations, phrases, scenes) or "reasoning" (also chains of carried
     # equations, for builtin:reasoning); see tiny.pretrain_settings. Part of the cache key.
     tiny_corpus: Literal["arithmetic", "reasoning"] = "arithmetic"
-    # Attention heads of the tiny model, each with its own key/value head (0 = one query head per 32 hidden units
-    # sharing key/value heads, the original size). More, narrower heads help a tiny base learn to copy numbers out
-    # of prose (builtin:reasoning). Part of the cache directory's name.
+    # Attention heads of the tiny model, each with its own key/value head (0 = the original shape); more, narrower
+    # heads help a tiny base copy numbers out of prose (builtin:reasoning). Part of the cache directory's name.
     tiny_heads: int = 0
 
     def validate(self) -> None:
@@ -89,9 +87,8 @@ class LoraConfig:
     use_dora: bool = False
     # Modules trained in full and saved with the adapter (e.g. ["lm_head"]); empty = adapters only.
     modules_to_save: tuple[str, ...] = ()
-    # "default": A random (Kaiming), B = 0; "gaussian": A ~ N(0, 1/r), B = 0; "orthogonal": A and B from
-    # orthogonal halves of a random basis, BA = 0 (even r and a 16/32-bit base only: peft casts A and B to the
-    # base weight's dtype, which is uint8 for a 4-bit base). All three leave the model unchanged at step 0.
+    # "default": A random (Kaiming), B = 0; "gaussian": A ~ N(0, 1/r), B = 0; "orthogonal": A, B from orthogonal
+    # halves of a random basis, BA = 0 (even r, 16/32-bit base: peft casts A, B to the base's dtype). All start at 0.
     init_lora_weights: Literal["default", "gaussian", "orthogonal"] = "default"
 
     def validate(self) -> None:
@@ -336,9 +333,8 @@ class RewardConfig:
     functions: tuple[str, ...] = ("math_correct",)
     # Weight of the optional format reward ("format" in functions).
     format_weight: float = 0.1
-    # Credit only an explicitly stated final answer (`\\boxed{}`, `#### N`, "the answer is N") in math_correct:
-    # otherwise the last number of the text counts, so reasoning that merely ends on the answer earns full credit.
-    # Lenient by default (custom or unformatted data); the real-data recipes turn it on, see their comments.
+    # Credit only an explicitly stated final answer (`\\boxed{}`, `#### N`, "the answer is N"), not the last number
+    # of the text; lenient by default (custom or unformatted data), on in the real-data recipes (see their comments).
     require_final_answer: bool = False
     # Seconds one reward call may take; past it the completion scores 0 and metrics count a reward_timeout
     # (the call is abandoned in its worker thread). 0 = wait forever.
