@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import functools
 import re
+from collections.abc import Iterator
 from fractions import Fraction
 
 from lowres_reft import verify_worker
@@ -57,22 +58,28 @@ _PHRASE_SKIP_RE = re.compile(r"[ \t\r\n*:]*")
 _PHRASE_WINDOW = 2_000
 
 
-def _read_braced(text: str, i: int) -> tuple[str, int] | None:
-    """`text[i]` is '{': return (content, index after the matching '}'), or None if it never closes."""
-    depth = 0
-    j = i
+def _brace_pairs(text: str, start: int = 0) -> Iterator[tuple[int, int]]:
+    """(open, close) indices of every matched `{...}` from `start` on, in closing order, in one linear pass;
+    escaped chars (\\{, \\}, \\\\) never count and a `}` with nothing open is skipped."""
+    stack: list[int] = []
+    j = start
     while j < len(text):
         c = text[j]
         if c == "\\":
-            j += 2  # escaped char (\{, \}, \\) never changes the depth
+            j += 2
             continue
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j], j + 1
+            stack.append(j)
+        elif c == "}" and stack:
+            yield stack.pop(), j
         j += 1
+
+
+def _read_braced(text: str, i: int) -> tuple[str, int] | None:
+    """`text[i]` is '{': return (content, index after the matching '}'), or None if it never closes."""
+    for open_, close in _brace_pairs(text, i):
+        if open_ == i:
+            return text[i + 1 : close], close + 1
     return None
 
 
@@ -101,20 +108,9 @@ def _last_boxed(text: str) -> str | None:
             if token_ends is None:  # every token end once, not a scan per command
                 token_ends = [e.start() for e in _TOKEN_END_RE.finditer(text)] + [len(text)]
             spans.append((m.start(), i, token_ends[bisect.bisect_left(token_ends, i)], False))
-    stack: list[int] = []
-    j = 0
-    while j < len(text):
-        c = text[j]
-        if c == "\\":
-            j += 2  # escaped char (\{, \}, \\) never changes the depth
-            continue
-        if c == "{":
-            stack.append(j)
-        elif c == "}" and stack:
-            start = stack.pop()
-            if start in opens:
-                spans.append((opens[start], start + 1, j, True))
-        j += 1
+    for start, close in _brace_pairs(text):
+        if start in opens:
+            spans.append((opens[start], start + 1, close, True))
     # Blank contents hold no other box, so the blank ones skipped here are disjoint: still linear.
     for _, lo, hi, braced in sorted(spans, reverse=True):
         content = text[lo:hi].strip() if braced else text[lo:hi].rstrip(".,;")
