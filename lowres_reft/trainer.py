@@ -262,8 +262,9 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
         generator.set_state(rng[f"generator_{ctx.rank}"])
         say(f"resumed from {ckpt} at step {state['step']}")
     pending = state.pop("unwritten_metrics", [])
+    resume_step = state["step"] if ckpt else None
+    lock_error = None
     if ctx.is_main:  # everything is validated and loaded: from here on the run writes its outputs
-        lock_error = None
         try:
             cleanup.enter_context(RunLock(run_dir, say))
             check_unchanged(run_dir, ckpt)
@@ -271,11 +272,10 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
             lock_error = err
     if all_max(float(ctx.is_main and lock_error is not None), ctx) > 0:
         raise lock_error if ctx.is_main else UsageError(f"{run_dir}: the main process could not open the run directory")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if ckpt else None,
-                         pending=pending) if ctx.is_main else NullLog()
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step, pending=pending) if ctx.is_main else NullLog()
     if ctx.is_main:
         metrics = open_trackers(metrics, recipe.log.trackers, recipe.log.project, recipe.run_name, run_dir,
-                                recipe.to_dict(), resume_step=state["step"] if ckpt else None)
+                                recipe.to_dict(), resume_step=resume_step)
         cleanup.callback(metrics.close)  # trackers flush and finish however the run ends
     evaluator = Evaluator(policy, recipe, eval_problems, encode_prompts(policy.tokenizer, eval_problems, recipe), eos_ids,
                           run_dir, state["eval_history"], metrics, ctx)
