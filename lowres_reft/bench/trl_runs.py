@@ -218,17 +218,38 @@ def build_trl_trainer(recipe, base: Path, seed: int, steps: int, output_dir: Pat
     return trainer, policy
 
 
-def run_trl(recipe, base: Path, seed: int, steps: int, run_dir: Path) -> dict:
+def run_trl(recipe, base: Path, seed: int, steps: int, run_dir: Path, save_every: int = 0) -> dict:
+    """TRL's training run; `save_every` > 0 also saves the adapter after every that many steps (but the last)."""
     from lowres_reft.model import eos_token_ids
 
     clock = Clock([])
     trainer, policy = build_trl_trainer(recipe, base, seed, steps, run_dir / "trl", clock)
     clock.eos_ids = eos_token_ids(policy)
+    saved: list[list] = []
+    if save_every:
+        trainer.add_callback(adapter_saver(save_every, steps, run_dir, saved))
     trainer.train()
     adapter = run_dir / "adapter"
     policy.model.save_pretrained(adapter, safe_serialization=True)
     return {"step_seconds": clock.step_seconds, "rollout_seconds": clock.rollout_seconds,
-            "rollout_tokens": clock.rollout_tokens, "adapter": str(adapter)}
+            "rollout_tokens": clock.rollout_tokens, "adapter": str(adapter), "checkpoints": saved}
+
+
+def adapter_saver(every: int, steps: int, run_dir: Path, saved: list):
+    """A TRL callback saving the adapter to `run_dir/adapter-step-N` after steps N = every, 2 every, ... < steps.
+
+    Added after the clock's callback, so the save happens after the step's time is taken (not counted)."""
+    from transformers import TrainerCallback
+
+    class AdapterSaver(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            if step % every == 0 and step < steps:
+                path = run_dir / f"adapter-step-{step}"
+                model.save_pretrained(path, safe_serialization=True)
+                saved.append([step, str(path)])
+
+    return AdapterSaver()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,7 +317,8 @@ def child_main(spec_path: str) -> int:
     run_dir, base, variant, seed, steps = Path(spec["run_dir"]), Path(spec["base"]), spec["variant"], spec["seed"], spec["steps"]
     start = time.perf_counter()
     if variant == "trl":
-        result = run_trl(load_recipe(spec["recipe"], spec["overrides"]), base, seed, steps, run_dir)
+        result = run_trl(load_recipe(spec["recipe"], spec["overrides"]), base, seed, steps, run_dir,
+                         spec.get("save_every", 0))
     else:
         recipe = load_recipe(spec["recipe"], spec["overrides"] + ours_overrides(variant, seed, steps, run_dir))
         result = run_ours(recipe, base, run_dir)
