@@ -57,9 +57,9 @@ class ModelConfig:
     # LayerDrop rate of that pretraining: each middle layer is skipped with this probability in each step, so the
     # base tolerates the nested rollouts' skipped layers; 0 = never (like a real checkpoint). Part of the cache key.
     tiny_layerdrop: float = 0.3
-    # Text of that pretraining: "arithmetic" (equations, phrases, scenes) or "reasoning" (also chains of carried
-    # equations, for builtin:reasoning); see tiny.pretrain_settings. Part of the cache key.
-    tiny_corpus: Literal["arithmetic", "reasoning"] = "arithmetic"
+    # Text of that pretraining: "arithmetic" (equations, phrases, scenes), "reasoning" (also chains of carried
+    # equations) or "problems" (also builtin:reasoning's training-pool word problems); see tiny.pretrain_settings.
+    tiny_corpus: Literal["arithmetic", "reasoning", "problems"] = "arithmetic"
     # Attention heads of the tiny model, each with its own key/value head (0 = the original shape); more, narrower
     # heads help a tiny base copy numbers out of prose (builtin:reasoning). Part of the cache directory's name.
     tiny_heads: int = 0

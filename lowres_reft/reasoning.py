@@ -4,12 +4,15 @@ Each problem follows one person's stock of one kind of object through 2-4 operat
 the next step, with 1-2 distractor sentences (another person's objects, another kind of object, an age) whose
 numbers must not be used:
 
-    Question: Mia has 4 bags with 3 pens each. Tom has 9 pens. She gives away 5 pens. She buys 8 more pens.
+    Question: Mia has 4 bags with 3 pens each. Tom has 9 pens. She gives away 5. She buys 8 more.
     How many pens does Mia have now?
-    Reference solution: 4*3=12. 12-5=7. 7+8=15. The answer is 15.
+    Reference solution: 4 bags with 3 pens each: 4*3=12. gives away 5: 12-5=7. buys 8 more: 7+8=15. The answer is 15.
 
-The reference solution is the chain of equations, one per operation, ending with "The answer is N." (30-70
-characters: 30-70 tokens with the tiny character-level model). The reward checks the final answer only;
+The reference solution is a chain of steps, one per operation, each quoting the phrase of the question it works
+on and then its equation, ending with "The answer is N." (48-122 characters, 84 on average: as many tokens with
+the tiny character-level model). Quoting makes each step "copy the next relevant phrase, then compute": a small
+model learns that copying quickly, and skipping a distractor sentence is one visible decision per step. The
+reward checks the final answer only;
 `[reward] require_final_answer = true` credits an explicitly stated answer, never a chain's intermediate result.
 
 Numbers stay small (every value <= `MAX_VALUE`, operands of "+"/"-" <= 9, multipliers 2-4) so the arithmetic
@@ -26,6 +29,9 @@ import zlib
 
 from lowres_reft.problems import Problem
 
+# Bump when the questions or the reference solutions change: the "problems" pretraining corpus holds them, and
+# the tiny model's cache key includes this.
+TASK_VERSION = 2
 # Seed of the held-out set: fixed, so every run evaluates on the same problems.
 REASONING_EVAL_SEED = 4321
 _EVAL_POOL_MOD = 8
@@ -39,9 +45,17 @@ _PEOPLE = (("Tom", "He"), ("Ann", "She"), ("Sam", "He"), ("Mia", "She"), ("Ben",
 _OBJECTS = ("apple", "pen", "book", "card", "coin", "egg", "ball", "shell", "stamp", "cup")
 # One operation on the stock: its wording ({P}: the pronoun, {n}: the operand).
 # Short on purpose: with a character-level model every prompt character costs a token in every training forward.
+# A step of the solution quotes the sentence's phrase (the text after the pronoun, or "{n} times as many").
 _ADD = ("{P} buys {n} more.", "{P} finds {n} more.", "{P} gets {n} more.")
 _SUB = ("{P} gives away {n}.", "{P} loses {n}.", "{P} sells {n}.")
 _MUL = ("Then {p} has {n} times as many.",)
+
+
+def _phrase(sentence: str) -> str:
+    """The quoted part of an operation's sentence: "She buys 3 more." -> "buys 3 more"."""
+    if sentence.startswith("Then "):
+        return sentence.split(" has ", 1)[1][:-1]
+    return sentence.split(" ", 1)[1][:-1]
 
 
 def _plural(obj: str) -> str:
@@ -52,7 +66,8 @@ def _start(rng: random.Random, name: str, obj: str) -> tuple[str, int, str | Non
     """The opening sentence, the starting value, and its equation when the opening is itself an operation."""
     if rng.random() < 0.35:
         bags, each = rng.randint(2, 4), rng.randint(2, 5)
-        return f"{name} has {bags} bags with {each} {_plural(obj)} each.", bags * each, f"{bags}*{each}={bags * each}"
+        phrase = f"{bags} bags with {each} {_plural(obj)} each"
+        return f"{name} has {phrase}.", bags * each, f"{phrase}: {bags}*{each}={bags * each}"
     value = rng.randint(3, 12)
     return f"{name} has {value} {_plural(obj)}.", value, None
 
@@ -108,13 +123,22 @@ def generate_problem(rng: random.Random) -> Problem:
         wording = rng.choice(_ADD if op == "+" else _SUB if op == "-" else _MUL)
         sentences.append(wording.format(P=pron, p=pron.lower(), n=n))
         result = _apply(op, value, n)
-        steps.append(f"{value}{op}{n}={result}")
+        steps.append(f"{_phrase(sentences[-1])}: {value}{op}{n}={result}")
         value = result
     for kind in rng.sample(range(3), rng.randint(1, 2)):  # after the opening, anywhere before the question
         sentences.insert(rng.randint(1, len(sentences)), _distractor(rng, name, obj, kind))
     question = " ".join(sentences) + f" How many {_plural(obj)} does {name} have now?"
     solution = " ".join(s + "." for s in steps) + f" The answer is {value}."
     return Problem(question=question, answer=str(value), solution=solution)
+
+
+def pretraining_piece(rng: random.Random) -> tuple[str, str]:
+    """(question + newline, its chain without "The answer is N.") of a training-pool problem, never a held-out one:
+    the word problems of the tiny model's "problems" pretraining corpus (`lowres_reft.tiny`)."""
+    while True:
+        problem = generate_problem(rng)
+        if not in_eval_pool(problem.question):
+            return problem.question + "\n", problem.solution.rsplit(" The answer is", 1)[0]
 
 
 def in_eval_pool(question: str) -> bool:

@@ -109,6 +109,28 @@ def test_pieces_hold_true_equations_and_carried_chains_within_the_ranges(corpus)
     assert kinds == {"bare", "scene", "phrase"} | chains
 
 
+def test_problems_corpus_holds_training_pool_word_problems_without_the_final_answer(monkeypatch):
+    from lowres_reft import reasoning
+
+    settings = pretrain_settings(12, corpus="problems")
+    rng, found = random.Random(0), 0
+    held_out = {p.question for p in reasoning.builtin_reasoning_eval(200)}
+    for _ in range(300):
+        context, text = arithmetic_piece(rng, settings, settings.phases[1])
+        if context.startswith(tuple(name for name, _ in reasoning._PEOPLE)):
+            found += 1
+            question = context[:-1]
+            assert context.endswith("?\n") and question not in held_out and not reasoning.in_eval_pool(question)
+            assert "The answer" not in text and ": " in text
+            value = int(_EQ.findall(text)[-1][3])
+            assert 1 <= value <= reasoning.MAX_VALUE
+    assert found > 150  # 80% of the chains, themselves 80% of phase 2's pieces
+    # the task's text is in the weights: a new task format is a new cache key, for this corpus only
+    a, plain = tiny_dir_name(6, 64, 100, corpus="problems"), tiny_dir_name(6, 64, 100, corpus="reasoning")
+    monkeypatch.setattr(reasoning, "TASK_VERSION", reasoning.TASK_VERSION + 1)
+    assert tiny_dir_name(6, 64, 100, corpus="problems") != a and tiny_dir_name(6, 64, 100, corpus="reasoning") == plain
+
+
 def test_batch_weights_equations_and_separators_and_rows_start_at_a_piece():
     settings = pretrain_settings(12)
     phase = PretrainPhase(steps=1, batch_size=4, seq_len=80, lr=1e-3, warmup=1, eq_fraction=0.0, scene_fraction=1.0,
