@@ -98,9 +98,8 @@ class PretrainSettings:
     max_operand: int = 20
     max_factor: int = 10
     max_multiplier: int = 5
-    # Fraction of the phase-2 chains that are instead a word problem of builtin:reasoning's training pool (never a
-    # held-out question) and its chain without "The answer is N." ("problems" corpus): the web text a real base
-    # model read holds word problems with worked steps; only the task's answer format is new to it.
+    # Fraction of the phase-2 chains replaced by a training-pool word problem of builtin:reasoning and its chain
+    # without "The answer is N." ("problems" corpus: a real base read worked word problems, not the answer format).
     word_problems: float = 0.0
     # What follows each piece of text: the end-of-text token (each piece is a document of its own, so the model
     # learns to end a text after its result, as the task's completions do).
@@ -127,10 +126,8 @@ def pretrain_settings(steps: int, layer_drop: float = 0.3, corpus: str = "arithm
     notes and the cue words a 6 x 64 base never learned to copy the operands out of prose (0 of 60 chains in order
     after 1200 steps), and wrote the same chain whatever the question.
 
-    corpus "problems" (for builtin:reasoning, within a demo's budget): phase 1 (40%) as "reasoning"; phase 2 rows of
-    256, 80% of the pieces word problems of the task's training pool with their quoted chains, without the final
-    answer (`reasoning.pretraining_piece`), the rest equations and scenes. At 1200 steps the base writes the exact
-    chain for 9 of 40 training-pool questions (none with the "reasoning" corpus at 1200 steps).
+    corpus "problems": phase 1 (40%) as "reasoning"; phase 2 (rows of 256): 80% training-pool word problems with
+    their chains (`reasoning.pretraining_piece`); 1200 steps: the exact chain for 9 of 40 questions ("reasoning": 0).
     """
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
