@@ -221,12 +221,15 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, cost, label in zip(axes, ("rl_seconds", "rollout_tokens"), ("RL wall time (s, evaluation excluded)",
                                                                          "rollout tokens")):
-        for name, runs in curves.items():
+        colors = plt.get_cmap("tab20").colors  # one color per variant (tab10 repeats after 10 variants)
+        for i, (name, runs) in enumerate(curves.items()):
             m = mean_curve(runs, cost)
             mean = [100 * a for a in m["mean"]]
-            line = ax.step(m["x"], mean, where="post", label=name)[0]
+            style = ({"color": "black", "linestyle": "--"} if name == "trl" else {"color": colors[(2 * i) % 20 + (2 * i) // 20 % 2]})
+            line = ax.step(m["x"], mean, where="post", label=name, linewidth=2.2 if name.startswith("r=0 ") else 1.4,
+                           **style)[0]
             ax.fill_between(m["x"], [a - 100 * s for a, s in zip(mean, m["std"])],
-                            [a + 100 * s for a, s in zip(mean, m["std"])], step="post", alpha=0.15,
+                            [a + 100 * s for a, s in zip(mean, m["std"])], step="post", alpha=0.1,
                             color=line.get_color())
             for c in runs:  # each seed's evaluations, so one sees where runs end
                 ax.plot([p[cost] for p in c], [100 * p["accuracy"] for p in c], ".", color=line.get_color(), alpha=0.5)
