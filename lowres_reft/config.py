@@ -24,9 +24,7 @@ MAX_LR = 1.0
 MIN_TEMPERATURE = 1e-3
 MAX_SEED = 2**63
 
-DEFAULT_SYSTEM_PROMPT = (
-    "Solve the math problem. Reason step by step, then give the final answer as \\boxed{ANSWER}."
-)
+DEFAULT_SYSTEM_PROMPT = "Solve the math problem. Reason step by step, then give the final answer as \\boxed{ANSWER}."
 
 
 @dataclass(frozen=True)
@@ -145,14 +143,16 @@ class WarmupConfig:
     steps: int = 0
     lr: float = 1e-4
     batch_size: int = 16
-    # Loss only on the solution tokens (prompt tokens are masked out); sequences longer than this are cut.
-    max_tokens: int = 512
+    max_tokens: int = 512  # longer examples are cut (the loss is on the solution tokens only)
+    # Then this many steps of skip distillation: KL(full || nested) on the same examples, LoRA only (0 = none).
+    skip_distill_steps: int = 0
 
     def validate(self) -> None:
         _require(self.steps >= 0, "steps", "must be >= 0")
         _require(0.0 < self.lr <= MAX_LR, "lr", f"must be in (0, {MAX_LR:g}]")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.max_tokens >= 8, "max_tokens", "must be >= 8")
+        _require(self.skip_distill_steps >= 0, "skip_distill_steps", "must be >= 0")
 
 
 @dataclass(frozen=True)

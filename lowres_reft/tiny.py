@@ -448,10 +448,11 @@ def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) 
 def pretrain_key(layers: int, hidden: int, seed: int, settings: PretrainSettings) -> str:
     """Short hash of everything that determines the pretrained weights."""
     key = {"version": PRETRAIN_VERSION, "layers": layers, "hidden": hidden, "seed": seed, **asdict(settings)}
+    del key["word_problems"]  # absent unless used: the other corpora keep their keys (and caches)
     if settings.word_problems > 0:  # the task's own text is in the corpus: its format is part of the weights
         from lowres_reft.reasoning import TASK_VERSION
 
-        key["task_version"] = TASK_VERSION
+        key.update(word_problems=settings.word_problems, task_version=TASK_VERSION)
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

@@ -294,7 +294,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
     if state["step"] == 0:
         if recipe.eval.before_training:
             evaluator(0, "before_training", say)
-        if recipe.warmup.steps > 0:
+        if recipe.warmup.steps > 0 or recipe.warmup.skip_distill_steps > 0:
             from lowres_reft.warmup import run_warmup
 
             run_warmup(policy, recipe, train_problems, metrics, say)

@@ -125,3 +125,68 @@ def test_warmup_order_is_seeded_epochs_over_the_examples():
     assert sorted(first) == list(range(20))  # one epoch = every example once
     assert first == [i for step in range(5) for i in batch_indices(step, 4, 20, seed=3)]
     assert first != [i for step in range(5) for i in batch_indices(step, 4, 20, seed=4)]
+
+
+# ---------------------------------------------------------------- skip distillation
+
+
+def test_skip_distill_kl_equals_a_float64_reference_and_is_zero_without_a_skip(tiny_policy):
+    from lowres_reft.nested import skip_layers
+    from lowres_reft.warmup import skip_distill_kl
+
+    model = tiny_policy().model
+    model.eval()
+    prompts, completions = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]]
+    batch = build_sft_batch(prompts, completions, pad_id=0)
+    with torch.no_grad():
+        got = skip_distill_kl(model, batch, [1], chunk=2)
+        terms = []
+        for p, c in zip(prompts, completions):
+            ids = torch.tensor([p + c])
+            full = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            with skip_layers(model, [1]):
+                nested = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            for j in range(len(c)):
+                t = len(p) - 1 + j
+                terms.append((full[t].exp() * (full[t] - nested[t])).sum())
+        torch.testing.assert_close(got.double(), torch.stack(terms).sum(), rtol=1e-4, atol=1e-5)
+        assert got > 1e-4  # skipping a layer of a random model changes its predictions
+        assert abs(float(skip_distill_kl(model, batch, []))) < 1e-5
+
+
+def test_skip_distillation_after_the_warmup_lowers_the_nested_models_divergence(tiny_policy, monkeypatch):
+    from lowres_reft import warmup
+    from lowres_reft.config import BehaviorConfig
+    from lowres_reft.warmup import skip_distill_kl
+
+    policy = tiny_policy()
+    problems = [Problem(question=f"{a}+{a}?", answer=str(2 * a), solution=f"{a}+{a}={2 * a}. The answer is {2 * a}.")
+                for a in range(1, 9)]
+    recipe = Recipe(warmup=WarmupConfig(steps=1, lr=3e-2, batch_size=8, skip_distill_steps=10),
+                    behavior=BehaviorConfig(skip_ratio=0.5, schedule="fixed", layers=(1,)),
+                    train=TrainConfig(micro_batch_size=4))
+    from lowres_reft.warmup import warmup_examples
+
+    prompts, completions = warmup_examples(policy.tokenizer, problems, recipe)
+    batch = build_sft_batch(prompts, completions, pad_id=0)
+    with torch.no_grad():
+        before = float(skip_distill_kl(policy.model, batch, [1]))
+    sink, lines = _Sink(), []
+    snapshots = []
+    real_kl = warmup.skip_distill_kl
+    monkeypatch.setattr(warmup, "skip_distill_kl", lambda *a, teacher=None, **k: snapshots.append(teacher) or real_kl(*a, teacher=teacher, **k))
+    run_warmup(policy, recipe, problems, sink, log=lines.append)
+    teacher = snapshots[0]
+    assert all(t is teacher for t in snapshots)  # one teacher: the full model after the supervised step
+    with torch.no_grad():
+        after = float(skip_distill_kl(policy.model, batch, [1]))
+        # the anchor: the full model stays near where the supervised step left it (the teacher)
+        drift = float(skip_distill_kl(policy.model, batch, [], teacher=teacher)) / 2  # KL(teacher || full), twice
+    assert [r["skip_distill"] for r in sink.records] == [None] + [[1]] * 10
+    assert "then 10 steps of skip distillation" in lines[0]
+    assert after < 0.5 * before and drift < 0.5 * before, (before, after, drift)
+    # nothing to skip (r = 0): no distillation steps at all
+    sink = _Sink()
+    run_warmup(policy, Recipe(warmup=WarmupConfig(steps=1, lr=1e-3, batch_size=8, skip_distill_steps=5),
+                              behavior=BehaviorConfig(skip_ratio=0.0)), problems, sink, log=lambda *a: None)
+    assert len(sink.records) == 1
