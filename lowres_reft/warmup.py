@@ -13,6 +13,12 @@ Sequences longer than `[warmup] max_tokens` lose prompt tokens from the start fi
 from the end. The batch is processed in micro-batches of `[train] micro_batch_size` rows (the loss is still
 normalized by the whole batch's completion tokens), and the vocabulary projection is chunked
 (`[loss] logprob_chunk`) so no (tokens x vocab) float32 logits tensor exists for the batch.
+
+`[warmup] skip_distill_steps` > 0 adds that many steps of skip distillation after the supervised ones (same
+examples, optimizer and micro-batches; a skip set per step drawn as the behavior policy draws it): the loss is
+KL(teacher || nested) + KL(teacher || full) per completion token, the teacher being the full model as the
+supervised steps left it (`skip_distill_kl`). It makes a base that never saw LayerDrop tolerate the nested
+rollouts' skipped layers; with nothing to skip (r = 0) there is no distillation.
 """
 
 from __future__ import annotations
@@ -242,7 +248,7 @@ def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print) -> N
                       "step_seconds": time.perf_counter() - t0}
             metrics.write(record)
             if (k + 1) % every == 0 or k + 1 == steps:
-                what = "loss" if skip is None else f"KL(full || skip {skip})"
+                what = "loss" if skip is None else f"distillation KL (skip {skip})"
                 log(f"warm-up step {k + 1}/{steps}: {what} {record['loss']:.3f} ({time.perf_counter() - start:.0f}s)")
     finally:
         optimizer.zero_grad(set_to_none=True)
