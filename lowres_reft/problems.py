@@ -73,30 +73,43 @@ _TEMPLATES: tuple[Callable[[random.Random], tuple[str, str, int, int]], ...] = (
 _OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def _in_eval_pool(question: str) -> bool:
+def in_eval_pool(question: str) -> bool:
+    """Whether a generated question belongs to the held-out pool (one in _EVAL_POOL_MOD, by a stable hash)."""
     return zlib.crc32(question.encode("utf-8")) % _EVAL_POOL_MOD == 0
 
 
-def _arithmetic(n: int, seed: int, eval_pool: bool) -> list[Problem]:
+def sample_split(generate: Callable[[random.Random], Problem], n: int, seed: int, eval_pool: bool,
+                 budget: int | None = None) -> list[Problem]:
+    """`n` problems from `generate` whose questions belong to the pool `eval_pool` names, deterministic in `seed`.
+
+    Distinct questions; with a `budget`, only for that many pool candidates (a small pool then repeats)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
     problems: list[Problem] = []
     seen: set[str] = set()
-    # Distinct questions while the pool allows it (it holds tens of thousands); repeats only beyond that.
-    budget = 200 * n + 1000
     while len(problems) < n:
-        question, op, a, b = rng.choice(_TEMPLATES)(rng)
-        if _in_eval_pool(question) != eval_pool:
+        problem = generate(rng)
+        if in_eval_pool(problem.question) != eval_pool:
             continue
-        budget -= 1
-        if question in seen and budget > 0:
+        if budget is not None:
+            budget -= 1
+        if problem.question in seen and (budget is None or budget > 0):
             continue
-        seen.add(question)
-        answer = _OPS[op](a, b)
-        solution = f"{a}{op}{b}={answer}."
-        problems.append(Problem(question=question, answer=str(answer), solution=solution))
+        seen.add(problem.question)
+        problems.append(problem)
     return problems
+
+
+def _arithmetic_problem(rng: random.Random) -> Problem:
+    question, op, a, b = rng.choice(_TEMPLATES)(rng)
+    answer = _OPS[op](a, b)
+    return Problem(question=question, answer=str(answer), solution=f"{a}{op}{b}={answer}.")
+
+
+def _arithmetic(n: int, seed: int, eval_pool: bool) -> list[Problem]:
+    # Distinct questions while the pool allows it (it holds tens of thousands); repeats only beyond that.
+    return sample_split(_arithmetic_problem, n, seed, eval_pool, budget=200 * n + 1000)
 
 
 def builtin_arithmetic(n: int, seed: int) -> list[Problem]:

@@ -18,23 +18,22 @@ reward checks the final answer only;
 Numbers stay small (every value <= `MAX_VALUE`, operands of "+"/"-" <= 9, multipliers 2-4) so the arithmetic
 is within reach of the tiny pretrained model (`lowres_reft.tiny` pretrains on the same ranges).
 
-Splits: every question text belongs to one pool by a stable hash of the text (one in `_EVAL_POOL_MOD` is
-held out), so train and held-out never share a question, whatever the sizes and seeds.
+Splits: every question text belongs to one pool by a stable hash of the text (one in 8 is held out,
+`problems.in_eval_pool`, as for builtin:arithmetic), so train and held-out never share a question, whatever the
+sizes and seeds.
 """
 
 from __future__ import annotations
 
 import random
-import zlib
 
-from lowres_reft.problems import Problem
+from lowres_reft.problems import Problem, in_eval_pool, sample_split
 
 # Bump when the questions or the reference solutions change: the "problems" pretraining corpus holds them, and
 # the tiny model's cache key includes this.
 TASK_VERSION = 2
 # Seed of the held-out set: fixed, so every run evaluates on the same problems.
 REASONING_EVAL_SEED = 4321
-_EVAL_POOL_MOD = 8
 # Largest value a problem ever holds (start, intermediate results, answer); the pretraining covers it.
 MAX_VALUE = 20
 MAX_OPERAND = 9
@@ -141,30 +140,11 @@ def pretraining_piece(rng: random.Random) -> tuple[str, str]:
             return problem.question + "\n", problem.solution.rsplit(" The answer is", 1)[0]
 
 
-def in_eval_pool(question: str) -> bool:
-    return zlib.crc32(question.encode("utf-8")) % _EVAL_POOL_MOD == 0
-
-
-def _problems(n: int, seed: int, eval_pool: bool) -> list[Problem]:
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(seed)
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    while len(problems) < n:  # the pool holds billions of questions: duplicates are rare and skipped
-        problem = generate_problem(rng)
-        if in_eval_pool(problem.question) != eval_pool or problem.question in seen:
-            continue
-        seen.add(problem.question)
-        problems.append(problem)
-    return problems
-
-
 def builtin_reasoning(n: int, seed: int) -> list[Problem]:
     """`n` distinct training problems, deterministic in `seed`; never a held-out question."""
-    return _problems(n, seed, eval_pool=False)
+    return sample_split(generate_problem, n, seed, eval_pool=False)
 
 
 def builtin_reasoning_eval(n: int, seed: int = REASONING_EVAL_SEED) -> list[Problem]:
     """`n` distinct held-out problems, disjoint (as question texts) from every `builtin_reasoning` output."""
-    return _problems(n, seed, eval_pool=True)
+    return sample_split(generate_problem, n, seed, eval_pool=True)
