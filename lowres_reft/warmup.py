@@ -36,7 +36,7 @@ from lowres_reft.data import Problem, format_prompt, format_solution
 from lowres_reft.errors import UsageError
 from lowres_reft.layers import LayerStack, decoder_stack
 from lowres_reft.logprobs import head_logits, model_logp
-from lowres_reft.nested import num_skipped, skip_layers, valid_layers
+from lowres_reft.nested import num_skipped, skip_layers
 
 
 @dataclass
@@ -204,7 +204,8 @@ def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print) -> N
     micro = max(1, recipe.train.micro_batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chunk = recipe.loss.logprob_chunk
-    distill = cfg.skip_distill_steps if distill_skip(recipe, model, random.Random(0)) else 0
+    skips = distill_schedule(recipe, model)
+    distill = cfg.skip_distill_steps if skips is not None else 0
     steps = cfg.steps + distill
     every = max(1, steps // 5)
     log(f"warm-up: {cfg.steps} supervised steps on {len(prompts)} reference solutions "
@@ -212,11 +213,10 @@ def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print) -> N
     was_training = model.training
     model.train()
     start = time.perf_counter()
-    skip_rng = random.Random(recipe.train.seed + 31_337)
     try:
         for k in range(steps):
             t0 = time.perf_counter()
-            skip = distill_skip(recipe, model, skip_rng) if k >= cfg.steps else None
+            skip = list(skips.draw()) if k >= cfg.steps else None
             if k == cfg.steps:  # the teacher: the full model as the supervised steps left it
                 teacher = [p.detach().clone() for p in params]
             idx = batch_indices(k, cfg.batch_size, len(prompts), recipe.train.seed)
@@ -257,13 +257,15 @@ def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print) -> N
         model.train(was_training)
 
 
-def distill_skip(recipe, model, rng: random.Random) -> list[int]:
-    """A skip set for one step of skip distillation: as the behavior policy would draw it (`[behavior]`: the fixed
-    layers, or round(r * L) random valid layers, r = max_ratio under the adaptive schedule); [] = nothing to skip."""
-    b = recipe.behavior
-    if b.schedule == "fixed":
-        return sorted(b.layers)
+def distill_schedule(recipe, model):
+    """The skip sets of skip distillation: the behavior's own schedule (`build_skip_schedule`), at its largest ratio
+    under the adaptive schedule; None when it skips nothing (r = 0)."""
+    from lowres_reft.builders import build_skip_schedule
+
     count = LayerStack(model).count
-    valid = valid_layers(count, b.protect_first, b.protect_last)
-    n = min(len(valid), num_skipped(count, b.max_ratio if b.schedule == "adaptive" else b.skip_ratio))
-    return sorted(rng.sample(valid, n))
+    schedule = build_skip_schedule(count, recipe, recipe.train.seed + 31_337)
+    if recipe.behavior.schedule == "adaptive":
+        schedule.set_ratio(recipe.behavior.max_ratio)
+    if schedule.schedule != "fixed" and num_skipped(count, schedule.skip_ratio) == 0:
+        return None
+    return schedule
