@@ -225,7 +225,7 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
         for i, (name, runs) in enumerate(curves.items()):
             m = mean_curve(runs, cost)
             mean = [100 * a for a in m["mean"]]
-            style = ({"color": "black", "linestyle": "--"} if name == "trl" else {"color": colors[(2 * i) % 20 + (2 * i) // 20 % 2]})
+            style = ({"color": "black", "linestyle": "--"} if name == "trl" else {"color": colors[(2 * i) % 20 + (i // 10) % 2]})
             line = ax.step(m["x"], mean, where="post", label=name, linewidth=2.2 if name.startswith("r=0 ") else 1.4,
                            **style)[0]
             ax.fill_between(m["x"], [a - 100 * s for a, s in zip(mean, m["std"])],
