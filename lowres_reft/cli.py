@@ -83,7 +83,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from lowres_reft.config import load_recipe, recipe_to_toml
+    from lowres_reft.config import load_recipe
+    from lowres_reft.typed_toml import recipe_to_toml
     from lowres_reft.rewards import resolve_rewards
 
     recipe = load_recipe(args.recipe, args.overrides)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lowres_reft.errors import ConfigError, did_you_mean
-from lowres_reft.typed_toml import coerce, read_value, toml_value, type_name
+from lowres_reft.typed_toml import coerce, read_value, type_name
 
 # Sane bounds: an Adam learning rate above 1 only diverges; below MIN_TEMPERATURE logits / T overflow float32;
 # seeds must fit torch's 64-bit generator after the per-process offset.
@@ -259,6 +259,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Sequences per forward/backward pass.
     micro_batch_size: int = 8
+    # Forward each distinct prompt of a micro-batch once, shared by its completions (same log-probs, fewer FLOPs;
+    # models with sliding-window attention use the plain per-row forward).
+    shared_prompt_forward: bool = True
     # Rollout batches (each with its own skip set) accumulated into one optimizer step.
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -491,9 +494,3 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise ConfigError(f"{path}: [{section}] must be a table of keys")
         data[section][key] = value
     return recipe_from_dict(data, source=str(path))
-
-
-def recipe_to_toml(recipe: Recipe) -> str:
-    """Serialize a recipe back to TOML (used to store it in checkpoints)."""
-    return "\n".join(f"[{section}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
-                     for section, values in recipe.to_dict().items())

@@ -9,6 +9,7 @@ layers live elsewhere touches this file only. Today's layout (Llama/Qwen/Mistral
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -29,6 +30,12 @@ def decoder_stack(model: nn.Module) -> nn.Module:
     if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
         raise UsageError(f"{type(inner).__name__}: unsupported architecture (no model.layers decoder stack to skip layers in)")
     return stack
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """transformers >= 5.2x renamed `past_key_values` to `cache`; use whichever the decoder stack takes."""
+    params = inspect.signature(decoder_stack(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class LayerStack:

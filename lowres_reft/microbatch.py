@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lowres_reft.rollout import RolloutBatch
+from lowres_reft.shared_prompt import distinct_prompts
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,20 @@ def _trimmed(batch: RolloutBatch, rows: Tensor) -> MicroBatch:
     first = prompt_mask.shape[1] - p
     return MicroBatch(rows=rows, prompt_ids=batch.prompt_ids[rows, first:], prompt_mask=prompt_mask[:, first:],
                       completion_ids=batch.completion_ids[rows, :t], completion_mask=completion_mask[:, :t])
+
+
+def by_prompt(batch: RolloutBatch, size: int) -> list[MicroBatch]:
+    """Micro-batches of at most `size` rows that keep a prompt's rows together, so its forward can be shared
+    (`shared_prompt`): prompts in order of their longest row, each prompt's rows in row order; a prompt with more
+    than `size` rows is cut into pieces of `size`, and pieces are packed into a micro-batch while they fit."""
+    _, index = distinct_prompts(batch.prompt_ids, batch.prompt_mask)
+    lengths = real_lengths(batch)
+    groups = [torch.nonzero(index == k).flatten() for k in range(int(index.max()) + 1)]
+    groups.sort(key=lambda rows: int(lengths[rows].max()))  # stable: ties keep first-appearance order
+    micro: list[list[Tensor]] = [[]]
+    for rows in groups:
+        for piece in rows.split(size):
+            if sum(len(p) for p in micro[-1]) + len(piece) > size:
+                micro.append([])
+            micro[-1].append(piece)
+    return [_trimmed(batch, torch.cat(pieces)) for pieces in micro if pieces]

@@ -18,7 +18,6 @@ Memory is O(tokens): one (batch, vocab) row of logits lives at a time.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from lowres_reft.errors import UsageError
 from lowres_reft.logprobs import head_logits
-from lowres_reft.layers import decoder_stack
+from lowres_reft.layers import cache_kwarg, decoder_stack
 from lowres_reft.nested import skip_layers
 from lowres_reft.rollout_weights import WeightsEngine
 from lowres_reft.sampling import DecodeState, draw_uniforms, new_token_budget, nucleus_logprobs  # noqa: F401 (re-exported)
@@ -68,12 +67,6 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """transformers >= 5.2x renamed `past_key_values` to `cache`; use whichever the decoder stack takes."""
-    params = inspect.signature(decoder_stack(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def context_length(model: nn.Module) -> int | None:
     """The model's context window (config.max_position_embeddings), or None when it does not say."""
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -106,7 +99,7 @@ def _decode(
     n = prompt_ids.shape[0]
     device = prompt_ids.device
     cache = DynamicCache(config=model.config)  # built inside skip_layers: one cache layer per kept layer
-    cache_key = _cache_kwarg(model)
+    cache_key = cache_kwarg(model)
     stack = decoder_stack(model)
     attention_mask = prompt_mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
@@ -246,7 +239,7 @@ class StaticEngine(LoopEngine):
     cuda_graphs: bool = True
 
     def decode(self, model: nn.Module, prompt_ids: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return static_decode(model, prompt_ids, *args, cache_key=_cache_kwarg(model), cuda_graphs=self.cuda_graphs,
+        return static_decode(model, prompt_ids, *args, cache_key=cache_kwarg(model), cuda_graphs=self.cuda_graphs,
                              limit=context_length(model))
 
 

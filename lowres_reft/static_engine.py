@@ -100,7 +100,7 @@ def static_decode(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`rollout._decode`'s contract, with a static cache (and, on CUDA with `cuda_graphs`, graph replay).
 
-    cache_key: the decoder stack's cache keyword (`rollout._cache_kwarg`); limit: the context length, or None.
+    cache_key: the decoder stack's cache keyword (`layers.cache_kwarg`); limit: the context length, or None.
     """
     n, prompt_len = prompt_ids.shape
     device = prompt_ids.device

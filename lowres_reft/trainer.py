@@ -20,22 +20,24 @@ import torch
 
 from lowres_reft import loss as L
 from lowres_reft.checkpoint import check_resume, latest_good_checkpoint, list_checkpoints, load_trainer_files, save_checkpoint
-from lowres_reft.config import LossConfig, Recipe, recipe_to_toml
+from lowres_reft.config import LossConfig, Recipe
 from lowres_reft.builders import build_engine, build_lr_scheduler, build_optimizer, build_skip_schedule, trainable
 from lowres_reft.data import Problem, encode_prompts, load_problems
 from lowres_reft.distributed import Dist, adapter_fingerprint, all_max, all_sum, barrier, gather_objects, init_distributed, sum_gradients
 from lowres_reft.errors import UsageError
 from lowres_reft.evaluation import decode_completions, evaluate
 from lowres_reft.fsutil import atomic_write_text, nearest_existing, writable_dir
-from lowres_reft.logprobs import check_head_logits, completion_logp
+from lowres_reft.logprobs import check_head_logits
 from lowres_reft.metrics import MetricsLog, MetricsWriteError, Progress, merge_records
 from lowres_reft.model import Policy, check_model_name, eos_token_ids, load_policy, model_path
 from lowres_reft.nested import adapt_skip_ratio
-from lowres_reft.microbatch import by_length
+from lowres_reft.microbatch import by_length, by_prompt
 from lowres_reft.rewards import resolve_rewards, score
 from lowres_reft.rollout import Engine, RolloutBatch, check_generation_length, make_engine
 from lowres_reft.rundir import RunLock, check_not_locked
+from lowres_reft.shared_prompt import update_logp
 from lowres_reft.tracking import check_trackers, open_trackers
+from lowres_reft.typed_toml import recipe_to_toml
 
 
 @dataclass
@@ -81,10 +83,11 @@ def collect(engine: Engine, tokenizer, recipe: Recipe, problems: list[Problem], 
 
 def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, temperature: float, micro: int,
                          max_new_tokens: int, scale: float, old_logp: torch.Tensor | None, totals: dict | None = None,
-                         on_micro_batch=None) -> dict:
+                         on_micro_batch=None, share_prompt: bool = False) -> dict:
     """Backward of the batch's loss (times `scale`), micro-batch by micro-batch. Returns logp (detached) + stats.
 
-    Micro-batches of `micro` rows are formed by length and trimmed to their own used columns (`by_length`); the
+    Micro-batches of `micro` rows are formed by length and trimmed to their own used columns (`by_length`), or, with
+    `share_prompt`, keep each prompt's rows together so its forward runs once (`by_prompt`, `shared_prompt`); the
     returned logp is (N, T) in the batch's row order, 0 where mask == 0. Loss and gradients equal those of row-order
     micro-batches padded to the batch's width: the aggregation normalizers are the whole batch's.
 
@@ -99,12 +102,11 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
     if totals is None:
         totals = dict(total_tokens=max(1, int(mask.sum().item())), total_seqs=mask.shape[0], max_new_tokens=max_new_tokens)
     all_logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)  # (N, T), original row order
-    micro_batches = by_length(r, micro)  # each costs its own rows' real lengths, not the batch's widest row
+    micro_batches = (by_prompt if share_prompt else by_length)(r, micro)  # trimmed: real lengths, not the widest row
     losses, kls, clipped, finite = 0.0, 0.0, 0.0, True
     for done, mb in enumerate(micro_batches, 1):
         m = mb.completion_mask  # (b, t)
-        logp = completion_logp(policy.model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, m,
-                               temperature, cfg.logprob_chunk)  # (b, t)
+        logp = update_logp(policy.model, mb, temperature, cfg.logprob_chunk, share_prompt)  # (b, t)
         corr = L.correction_weights(logp.detach(), mb.take(r.behavior_logp), m, cfg.correction, cfg.is_cap, cfg.retrace_lambda)
         old = None if old_logp is None else mb.take(old_logp)
         objective, clip_frac = L.policy_objective(logp, corr.weights, batch.advantages[mb.rows], m, old,
@@ -112,8 +114,7 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
         micro_loss = -L.aggregate(objective, m, cfg.aggregation, **totals)
         if cfg.kl_beta > 0:
             with torch.no_grad(), policy.model.disable_adapter():
-                ref_logp = completion_logp(policy.model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, m,
-                                           temperature, cfg.logprob_chunk)
+                ref_logp = update_logp(policy.model, mb, temperature, cfg.logprob_chunk, share_prompt)
             kl = L.aggregate(L.kl_k3(logp, ref_logp), m, cfg.aggregation, **totals)
             micro_loss = micro_loss + cfg.kl_beta * kl
             kls += float(kl.detach())
@@ -143,7 +144,7 @@ def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], to
         for i, batch in enumerate(batches):
             res = accumulate_gradients(policy, batch, recipe.loss, recipe.rollout.temperature, cfg.micro_batch_size,
                                        recipe.rollout.max_new_tokens, 1.0 / len(batches), old_logps[i], totals[i],
-                                       on_micro_batch)
+                                       on_micro_batch, cfg.shared_prompt_forward)
             old_logps[i] = res["logp"] if old_logps[i] is None else old_logps[i]
             results.append(res)
         sum_gradients(params, ctx)

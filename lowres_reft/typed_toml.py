@@ -120,3 +120,9 @@ def _is_string_type(tp: Any) -> bool:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     return tp is str or typing.get_origin(tp) is Literal
+
+
+def recipe_to_toml(recipe) -> str:
+    """Serialize a recipe (`config.Recipe`) back to TOML (`lowres-reft check` prints it)."""
+    return "\n".join(f"[{section}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+                     for section, values in recipe.to_dict().items())

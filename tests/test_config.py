@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from lowres_reft.config import Recipe, load_recipe, recipe_from_dict, recipe_to_toml
+from lowres_reft.config import Recipe, load_recipe, recipe_from_dict
+from lowres_reft.typed_toml import recipe_to_toml
 from lowres_reft.errors import ConfigError
 
 

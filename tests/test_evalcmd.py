@@ -13,7 +13,8 @@ import pytest
 from conftest import randomize_lora, tiny_model_cfg
 from lowres_reft.cli import main
 from lowres_reft.checkpoint import write_manifest
-from lowres_reft.config import DataConfig, EvalConfig, ExportConfig, LoraConfig, Recipe, recipe_to_toml
+from lowres_reft.config import DataConfig, EvalConfig, ExportConfig, LoraConfig, Recipe
+from lowres_reft.typed_toml import recipe_to_toml
 from lowres_reft.evaluation import pass_at_k, summarize, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -106,13 +106,13 @@ def test_recipe_key_reaches_the_training_run(tmp_path, monkeypatch):
     root = Path(__file__).resolve().parents[1]
     sets = TINY_RUN_SETS + ["log.progress=none", f"log.output_dir={tmp_path}", "train.steps=1", "eval.before_training=false",
                             "model.dtype=bfloat16", "model.lm_head_fp32=true"]
-    dtypes, real = [], trainer.completion_logp
+    dtypes, real = [], trainer.update_logp
 
     def spy(model, *args, **kwargs):
         dtypes.append(head_logits(model, torch.zeros(1, unwrap(model).config.hidden_size, dtype=torch.bfloat16)).dtype)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "completion_logp", spy)
+    monkeypatch.setattr(trainer, "update_logp", spy)
     run = trainer.train(load_recipe(root / "recipes" / "tiny-cpu.toml", sets), log=lambda *a: None)
     assert dtypes and set(dtypes) == {torch.float32}
     record = [r for r in read_metrics(run / "metrics.jsonl") if r["stage"] == "rl"][0]

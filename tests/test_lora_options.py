@@ -9,7 +9,8 @@ import torch
 
 from conftest import TINY_RUN_SETS, randomize_lora, tiny_model_cfg
 from lowres_reft.checkpoint import write_manifest
-from lowres_reft.config import ExportConfig, LoraConfig, Recipe, load_recipe, recipe_from_dict, recipe_to_toml
+from lowres_reft.config import ExportConfig, LoraConfig, Recipe, load_recipe, recipe_from_dict
+from lowres_reft.typed_toml import recipe_to_toml
 from lowres_reft.errors import ConfigError
 from lowres_reft.export import export_checkpoint
 

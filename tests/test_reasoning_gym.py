@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN_SETS
 
-from lowres_reft.config import DataConfig, load_recipe, recipe_from_dict, recipe_to_toml
+from lowres_reft.config import DataConfig, load_recipe, recipe_from_dict
+from lowres_reft.typed_toml import recipe_to_toml
 from lowres_reft.data import load_problems
 from lowres_reft.errors import ConfigError, UsageError
 from lowres_reft.reasoning_gym_data import TaskAnswer, completion_answer

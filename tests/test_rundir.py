@@ -16,7 +16,8 @@ from conftest import TINY_RUN_SETS, as_set_args, start_cli_then_signal
 from lowres_reft import metrics as metrics_mod
 from lowres_reft import trainer
 from lowres_reft.cli import main
-from lowres_reft.config import Recipe, load_recipe, recipe_to_toml, sections
+from lowres_reft.config import Recipe, load_recipe, sections
+from lowres_reft.typed_toml import recipe_to_toml
 from lowres_reft.errors import UsageError
 from lowres_reft.metrics import MetricsLog, read_metrics
 from lowres_reft.rundir import RunLock

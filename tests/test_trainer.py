@@ -153,7 +153,7 @@ def test_nonfinite_micro_batch_frees_its_graph_before_the_next(tiny_policy, monk
     from lowres_reft.config import LossConfig
 
     policy = tiny_policy()
-    real_objective, real_logp = trainer.L.policy_objective, trainer.completion_logp
+    real_objective, real_logp = trainer.L.policy_objective, trainer.update_logp
 
     def poisoned(*args, **kwargs):
         objective, clip = real_objective(*args, **kwargs)
@@ -177,7 +177,7 @@ def test_nonfinite_micro_batch_frees_its_graph_before_the_next(tiny_policy, monk
         return real_logp(*args, **kwargs)
 
     monkeypatch.setattr(trainer.L, "policy_objective", poisoned)
-    monkeypatch.setattr(trainer, "completion_logp", counting_logp)
+    monkeypatch.setattr(trainer, "update_logp", counting_logp)
     batch = _fake_batch(policy, rows=6)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.tensor):
         result = trainer.accumulate_gradients(policy, batch, LossConfig(), 1.0, 2, 24, 1.0, None)
