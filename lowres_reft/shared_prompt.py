@@ -14,6 +14,7 @@ without checkpointing (it holds 1/G of the prompt activations the plain recomput
 
 Supported where every layer attends to the whole past (no sliding window); elsewhere, and when a transformers
 version drops the cache inside a layer, `shared_prompt_logp` returns None and the caller uses the plain recompute.
+With LoRA dropout the G rows share their prompt's dropout draw (the plain recompute draws one per row).
 """
 
 from __future__ import annotations

@@ -48,13 +48,14 @@ STEP_ROW = {
     "step_seconds": NUM, "peak_gpu_mem_rollout_bytes": (int, type(None)),
     "peak_gpu_mem_logprob_backward_bytes": (int, type(None)), "peak_gpu_mem_optimizer_bytes": (int, type(None)),
     "peak_gpu_mem_bytes": (int, type(None)), "max_rss_bytes": int, "loss": NUM, "grad_norm": NUM, "update_skipped": bool,
+    "backward_only_shared_seconds": (float, type(None)), "backward_only_plain_seconds": (float, type(None)),
 }
 STEP_SUMMARY = {
     "median_rollout_seconds": NUM, "median_logprob_backward_seconds": NUM, "median_optimizer_seconds": NUM,
     "median_step_seconds": NUM, "median_rollout_tokens_per_s": NUM, "peak_gpu_mem_rollout_bytes": (int, type(None)),
     "peak_gpu_mem_logprob_backward_bytes": (int, type(None)), "peak_gpu_mem_optimizer_bytes": (int, type(None)),
     "peak_gpu_mem_bytes": (int, type(None)), "allocated_after_load_bytes": (int, type(None)), "model_bytes": dict,
-    "max_rss_bytes": int,
+    "max_rss_bytes": int, "median_rollout_share": NUM,
 }
 
 
@@ -209,7 +210,7 @@ def test_bench_step_cpu_tiny(tmp_path, capsys, one_thread):
     out = tmp_path / "step.json"
     sets = ["rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8", "train.micro_batch_size=2"]
     code = main(["bench", "step", "--recipe", "recipes/tiny-cpu.toml", *TINY_ARGS, "--steps", "2", "--warmup", "0",
-                 "--prompt-len", "8", "--json", str(out), *[a for s in sets for a in ("--set", s)]])
+                 "--prompt-len", "8", "--json", str(out), "--plain-forward-too", *[a for s in sets for a in ("--set", s)]])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     assert "median step" in captured.out
@@ -229,7 +230,10 @@ def test_bench_step_cpu_tiny(tmp_path, capsys, one_thread):
         assert math.isfinite(row["loss"]) and row["grad_norm"] > 0  # random rewards -> non-zero advantages
         assert row["update_skipped"] is False
         assert row["peak_gpu_mem_bytes"] is None
+        assert row["backward_only_shared_seconds"] > 0 and row["backward_only_plain_seconds"] > 0
     assert report["summary"]["model_bytes"]["trainable_bytes"] > 0
+    assert 0 < report["summary"]["median_rollout_share"] < 1 and report["summary"]["median_plain_over_shared"] > 0
+    assert "per-row prompt forward / shared prompt forward" in captured.out and cfg["shared_prompt_forward"] is True
 
 
 @pytest.mark.parametrize("argv, needle", [

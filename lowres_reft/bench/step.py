@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache-dir", help="keep the random-weights model here for reuse (default: a temp dir, deleted)")
     parser.add_argument("--json", dest="json_out", help="write the report here")
+    parser.add_argument("--plain-forward-too", action="store_true",
+                        help="also time each step's log-probs + backward with the per-row prompt forward "
+                             "([train] shared_prompt_forward = false), on the same batches, side by side")
 
 
 def run_step(args: argparse.Namespace) -> int:
@@ -68,7 +71,7 @@ def run_step(args: argparse.Namespace) -> int:
     for index in range(args.warmup + args.steps):
         measured = phases.measure()
         if index >= args.warmup:
-            results.append(_result_row(index - args.warmup + 1, setup, measured))
+            results.append(_result_row(index - args.warmup + 1, setup, measured, phases.paired))
     report = make_report("bench step", setup.device, _run_config(args, setup), _summary(setup, results), results)
     print(step_table(report))
     write_json(report, args.json_out)
@@ -202,6 +205,7 @@ class _Phases:
         self.clock = _OptimizerClock(setup.optimizer, setup.device)
         self.state = {"skipped_updates": 0}
         self.single = Dist()
+        self.plain_forward_too, self.paired = args.plain_forward_too, None
 
     def rollout(self) -> list:
         """grad_accum batches of full-length rollouts on random prompts, scored with uniform random rewards."""
@@ -233,9 +237,23 @@ class _Phases:
         return apply_updates(setup.policy, recipe, batches, totals, setup.optimizer, setup.scheduler, self.state,
                              self.single)
 
+    def backward_only(self, batches: list, share_prompt: bool) -> None:
+        """The update's log-probs + backward on the batches (no optimizer step; gradients dropped after)."""
+        from lowres_reft.trainer import accumulate_gradients, global_totals, trainable
+
+        setup, recipe = self.setup, self.setup.recipe
+        for batch in batches:
+            accumulate_gradients(setup.policy, batch, recipe.loss, recipe.rollout.temperature,
+                                 recipe.train.micro_batch_size, recipe.rollout.max_new_tokens, 1.0 / len(batches), None,
+                                 global_totals(batch, recipe, self.single), share_prompt=share_prompt)
+        for p in trainable(setup.policy):
+            p.grad = None
+
     def measure(self) -> _Measured:
         device, clock = self.setup.device, self.clock
         t_rollout, peak_rollout, batches = timed(self.rollout, device)
+        if self.plain_forward_too:  # both forwards on the same batches and weights, the shared one first
+            self.paired = [timed(self.backward_only, device, batches, share)[0] for share in (True, False)]
         clock.reset()
         t_update, peak_rest, (outs, grad_norm, stepped) = timed(self.update, device, batches)
         return _Measured(batches, outs, grad_norm, stepped, rollout_s=t_rollout, logprob_backward_s=t_update - clock.seconds,
@@ -247,7 +265,7 @@ class _Phases:
 # Report
 
 
-def _result_row(step: int, setup: _Setup, m: _Measured) -> dict:
+def _result_row(step: int, setup: _Setup, m: _Measured, paired: list[float] | None = None) -> dict:
     num_layers = setup.num_layers
     tokens = sum(b.rollout.num_tokens for b in m.batches)
     peaks = [p for p in (m.peak_rollout, m.peak_logprob_backward, m.peak_optimizer) if p is not None]
@@ -271,6 +289,9 @@ def _result_row(step: int, setup: _Setup, m: _Measured) -> dict:
         "loss": sum(r["loss"] for r in m.outs) / len(m.outs),
         "grad_norm": m.grad_norm,
         "update_skipped": not m.stepped,
+        # --plain-forward-too: log-probs + backward of the same batches, shared prompt forward vs per-row forward
+        "backward_only_shared_seconds": None if paired is None else paired[0],
+        "backward_only_plain_seconds": None if paired is None else paired[1],
     }
 
 
@@ -278,6 +299,10 @@ def _summary(setup: _Setup, results: list[dict]) -> dict:
     phases = ("rollout_seconds", "logprob_backward_seconds", "optimizer_seconds", "step_seconds")
     summary = {f"median_{key}": median([row[key] for row in results]) for key in phases}
     summary["median_rollout_tokens_per_s"] = median([row["rollout_tokens_per_s"] for row in results])
+    summary["median_rollout_share"] = median([row["rollout_seconds"] / row["step_seconds"] for row in results])
+    if results[0]["backward_only_plain_seconds"] is not None:
+        summary["median_plain_over_shared"] = median([row["backward_only_plain_seconds"] / row["backward_only_shared_seconds"]
+                                                      for row in results])
     for key in ("peak_gpu_mem_rollout_bytes", "peak_gpu_mem_logprob_backward_bytes", "peak_gpu_mem_optimizer_bytes",
                 "peak_gpu_mem_bytes"):
         summary[key] = max(row[key] for row in results) if setup.device.type == "cuda" else None
@@ -298,6 +323,7 @@ def _run_config(args: argparse.Namespace, setup: _Setup) -> dict:
         "max_new_tokens": ro.max_new_tokens, "prompt_len": args.prompt_len, "rollout_micro_batch": ro.micro_batch,
         "skip_ratio": setup.start_ratio, "schedule": recipe.behavior.schedule, "grad_accum": tr.grad_accum,
         "micro_batch_size": tr.micro_batch_size, "gradient_checkpointing": tr.gradient_checkpointing,
+        "shared_prompt_forward": tr.shared_prompt_forward,
         "optimizer": tr.optimizer, "optimizer_class": type(setup.optimizer).__name__,
         "updates_per_batch": recipe.loss.updates_per_batch,
         "correction": recipe.loss.correction, "kl_beta": recipe.loss.kl_beta, "lora_r": recipe.lora.r,
@@ -321,5 +347,8 @@ def step_table(report: dict) -> str:
     lines.append(f"median step {s['median_step_seconds']:.3f}s (rollout {s['median_rollout_seconds']:.3f}s, "
                  f"logprob+backward {s['median_logprob_backward_seconds']:.3f}s, optimizer {s['median_optimizer_seconds']:.3f}s); "
                  f"peak GPU memory {fmt_bytes(s['peak_gpu_mem_bytes'])}; max RSS {fmt_bytes(s['max_rss_bytes'])}; "
-                 f"device {report['device']['name']}")
+                 f"device {report['device']['name']}; rollouts {100 * s['median_rollout_share']:.0f}% of a step")
+    if "median_plain_over_shared" in s:
+        lines.append(f"log-probs + backward, same batches: per-row prompt forward / shared prompt forward = "
+                     f"{s['median_plain_over_shared']:.2f}x (median)")
     return "\n".join(lines)
