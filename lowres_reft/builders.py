@@ -52,7 +52,7 @@ def build_skip_schedule(num_layers: int, recipe: Recipe, seed: int) -> SkipSched
     start_ratio = min(beh.max_ratio, max(beh.min_ratio, beh.skip_ratio)) if adaptive else beh.skip_ratio
     try:
         schedule = SkipSchedule(num_layers, start_ratio, beh.protect_first, beh.protect_last,
-                                "random" if adaptive else beh.schedule, beh.layers, seed)
+                                "random" if adaptive else beh.schedule, beh.layers, seed, beh.layout)
         schedule.check_ratio(beh.max_ratio if adaptive else start_ratio)
     except ValueError as err:
         raise UsageError(f"{recipe.source}: [behavior] {err}") from None

@@ -159,16 +159,20 @@ class WarmupConfig:
 class BehaviorConfig:
     # Fraction r of the decoder layers skipped by the behavior policy; round(r * L) layers per rollout batch.
     skip_ratio: float = 0.25
-    # "random": a new uniform subset of the valid layers per rollout batch (the paper); "fixed": `layers`;
-    # "adaptive": random subsets whose ratio moves in [min_ratio, max_ratio] to keep the ESS near target_ess.
+    # "random": a new uniform subset of the valid layers per rollout batch (the paper); "fixed": `layers`; "adaptive":
+    # random subsets whose ratio moves in [min_ratio, max_ratio] by adapt_rate per step to keep the ESS near target_ess.
     schedule: Literal["random", "fixed", "adaptive"] = "random"
+    # Random subsets: "scattered" (any of the valid layers) or "contiguous" (a run of consecutive valid layers).
+    layout: Literal["scattered", "contiguous"] = "scattered"
+    # Skip sets per rollout batch: its prompts are split into this many runs, each sampled by a nested model of its
+    # own (an ensemble of behavior policies inside one batch; one sampling pass per set).
+    sets_per_batch: int = 1
     layers: tuple[int, ...] = ()
     protect_first: int = 1
     protect_last: int = 1
     min_ratio: float = 0.0
     max_ratio: float = 0.5
     target_ess: float = 0.7
-    # Change of the skip ratio per step under the adaptive schedule.
     adapt_rate: float = 0.05
 
     def validate(self) -> None:
@@ -180,6 +184,7 @@ class BehaviorConfig:
         _require(0.0 <= self.min_ratio <= self.max_ratio < 1.0, "min_ratio", "and max_ratio must satisfy 0 <= min_ratio <= max_ratio < 1")
         _require(0.0 < self.target_ess <= 1.0, "target_ess", "must be in (0, 1]")
         _require(self.adapt_rate > 0.0, "adapt_rate", "must be > 0")
+        _require(self.sets_per_batch >= 1, "sets_per_batch", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -334,8 +339,7 @@ class ExportConfig:
 class RewardConfig:
     # Names from the reward registry (lowres_reft.rewards), summed.
     functions: tuple[str, ...] = ("math_correct",)
-    # Weight of the optional format reward ("format" in functions).
-    format_weight: float = 0.1
+    format_weight: float = 0.1  # weight of the optional "format" reward ("format" in functions)
     # Credit only an explicitly stated final answer (`\\boxed{}`, `#### N`, "the answer is N"), not the last number
     # of the text; lenient by default (custom or unformatted data), on in the real-data recipes (see their comments).
     require_final_answer: bool = False

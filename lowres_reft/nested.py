@@ -2,7 +2,8 @@
 
 Definitions (Nested-ReFT): decoder layers are 0..L-1; the valid (skippable) layers are all but the first
 `protect_first` and the last `protect_last`. Each rollout batch draws `round(r * L)` of them uniformly
-without replacement (schedule "random"), or uses an explicit list (schedule "fixed").
+without replacement (schedule "random"; with layout "contiguous", a run of consecutive valid layers with a uniform
+start), or uses an explicit list (schedule "fixed").
 
 Mechanism: `skip_layers(model, skip)` temporarily replaces the stack's `layers` ModuleList by one holding
 only the kept layers (the same module objects: weights, 4-bit storage and LoRA adapters are shared, nothing
@@ -44,10 +45,12 @@ class SkipSchedule:
         schedule: str = "random",
         layers: Sequence[int] = (),
         seed: int = 0,
+        layout: str = "scattered",
     ) -> None:
         self.num_layers = num_layers
         self.skip_ratio = skip_ratio
         self.schedule = schedule
+        self.layout = layout
         self.valid = valid_layers(num_layers, protect_first, protect_last)
         if not self.valid and (skip_ratio > 0 or layers):
             raise ValueError(f"protect_first + protect_last leave no skippable layer out of the model's {num_layers}")
@@ -73,7 +76,11 @@ class SkipSchedule:
         if self.schedule == "fixed":
             return self.fixed
         self.check_ratio(self.skip_ratio)
-        return tuple(sorted(self.rng.sample(self.valid, num_skipped(self.num_layers, self.skip_ratio))))
+        count = num_skipped(self.num_layers, self.skip_ratio)
+        if self.layout == "contiguous":  # a run of `count` consecutive valid layers, its start uniform
+            start = self.rng.randrange(len(self.valid) - count + 1)
+            return tuple(self.valid[start : start + count])
+        return tuple(sorted(self.rng.sample(self.valid, count)))
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()

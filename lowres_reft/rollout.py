@@ -45,6 +45,7 @@ class RolloutBatch:
     truncated: Tensor  # (N,) bool: no EOS within max_new_tokens
     skip: tuple[int, ...]
     seconds: float
+    skip_sets: tuple[tuple[int, ...], ...] = ()  # merged batches (`merge_rollouts`): each part's skip set
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +54,27 @@ class RolloutBatch:
     @property
     def tokens_per_second(self) -> float:
         return self.num_tokens / max(self.seconds, 1e-9)
+
+
+def merge_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Rollout batches (each from its own skip set) as one, rows in order: prompts left-padded and completions
+    right-padded to the widest part; `skip` is the first part's, `skip_sets` every part's; seconds add up."""
+    if len(parts) == 1:
+        return parts[0]
+    P, T = max(p.prompt_ids.shape[1] for p in parts), max(p.completion_ids.shape[1] for p in parts)
+
+    def cat(name: str, width: int, left: bool, fill: float) -> Tensor:
+        tensors = [getattr(p, name) for p in parts]
+        return torch.cat([nn.functional.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=fill)
+                          for t in tensors])
+
+    return RolloutBatch(
+        prompt_ids=cat("prompt_ids", P, True, pad_id), prompt_mask=cat("prompt_mask", P, True, 0),
+        completion_ids=cat("completion_ids", T, False, pad_id), completion_mask=cat("completion_mask", T, False, 0.0),
+        behavior_logp=cat("behavior_logp", T, False, 0.0), truncated=torch.cat([p.truncated for p in parts]),
+        skip=parts[0].skip, seconds=sum(p.seconds for p in parts),
+        skip_sets=tuple(s for p in parts for s in (p.skip_sets or (p.skip,))),
+    )
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

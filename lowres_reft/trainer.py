@@ -33,7 +33,7 @@ from lowres_reft.model import Policy, check_model_name, eos_token_ids, load_poli
 from lowres_reft.nested import adapt_skip_ratio
 from lowres_reft.microbatch import by_length, by_prompt
 from lowres_reft.rewards import resolve_rewards, score
-from lowres_reft.rollout import Engine, RolloutBatch, check_generation_length, make_engine
+from lowres_reft.rollout import Engine, RolloutBatch, check_generation_length, make_engine, merge_rollouts
 from lowres_reft.rundir import RunLock, check_not_locked
 from lowres_reft.shared_prompt import update_logp
 from lowres_reft.tracking import check_trackers, open_trackers
@@ -67,11 +67,23 @@ def rollout_rows(engine: Engine, recipe: Recipe, prompts: list[list[int]], skip:
     return engine.generate([p for p in prompts for _ in range(recipe.rollout.group_size)], skip)
 
 
+def prompt_runs(indices: list[int], count: int) -> list[list[int]]:
+    """`indices` cut into `count` consecutive runs of near-equal size (the first ones one longer; empty ones dropped)."""
+    size, extra = divmod(len(indices), count)
+    bounds = [0]
+    for k in range(count):
+        bounds.append(bounds[-1] + size + (k < extra))
+    return [indices[lo:hi] for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
 def collect(engine: Engine, tokenizer, recipe: Recipe, problems: list[Problem], prompts: list[list[int]],
-            indices: list[int], skip: tuple[int, ...]) -> ScoredBatch:
-    """prompts_per_step prompts x G completions from the nested model, scored, with group advantages."""
+            indices: list[int], skips: list[tuple[int, ...]]) -> ScoredBatch:
+    """prompts_per_step prompts x G completions from the nested model, scored, with group advantages; the prompts
+    in `len(skips)` runs, each sampled with its own skip set ([behavior] sets_per_batch)."""
     G = recipe.rollout.group_size
-    rollout = rollout_rows(engine, recipe, [prompts[i] for i in indices], skip)
+    parts = [rollout_rows(engine, recipe, [prompts[i] for i in run], skip)
+             for run, skip in zip(prompt_runs(indices, len(skips)), skips)]
+    rollout = merge_rollouts(parts, tokenizer.pad_token_id)
     texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
     golds = [problems[i].answer for i in indices for _ in range(G)]
     scores = score(texts, golds, recipe.reward.functions, recipe.reward.format_weight,
@@ -313,7 +325,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
             batches = [
                 collect_or_explain(engine, policy.tokenizer, recipe, train_problems, train_prompts,
                                    prompt_indices(step, a, recipe, len(train_prompts))[ctx.rank :: ctx.world],
-                                   schedule.draw())
+                                   [schedule.draw() for _ in range(recipe.behavior.sets_per_batch)])
                 for a in range(cfg.grad_accum)
             ]
             totals = [global_totals(b, recipe, ctx) for b in batches]
@@ -457,7 +469,7 @@ def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad
         "truncated_frac": float(torch.cat([b.rollout.truncated for b in batches]).float().mean()),
         "skip_ratio": skip_ratio,
         "skip_set": list(batches[0].rollout.skip),
-        "skip_sets": [list(b.rollout.skip) for b in batches],
+        "skip_sets": [list(s) for b in batches for s in (b.rollout.skip_sets or (b.rollout.skip,))],
         "rho_mean": mean("rho_mean"),
         "rho_min": min(r["rho_min"] for r in results),
         "rho_max": max(r["rho_max"] for r in results),
