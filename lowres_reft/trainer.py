@@ -81,6 +81,7 @@ def collect(engine: Engine, tokenizer, recipe: Recipe, problems: list[Problem], 
     """prompts_per_step prompts x G completions from the nested model, scored, with group advantages; the prompts
     in `len(skips)` runs, each sampled with its own skip set ([behavior] sets_per_batch)."""
     G = recipe.rollout.group_size
+    skips = skips[:1] if len(set(skips)) == 1 else skips  # one set (e.g. r = 0): one sampling pass
     parts = [rollout_rows(engine, recipe, [prompts[i] for i in run], skip)
              for run, skip in zip(prompt_runs(indices, len(skips)), skips)]
     rollout = merge_rollouts(parts, tokenizer.pad_token_id)

@@ -66,16 +66,28 @@ def test_merge_rollouts_pads_each_part_and_keeps_row_order():
 
 def test_a_run_with_several_skip_sets_per_batch(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.toml", TINY_RUN_SETS + [
-        "log.progress=none", f"log.output_dir={tmp_path}", "train.steps=2", "eval.before_training=false",
+        "log.progress=none", f"log.output_dir={tmp_path}", "train.steps=3", "eval.before_training=false",
         "behavior.sets_per_batch=2", "behavior.layout=contiguous", "rollout.prompts_per_step=3", "model.tiny_layers=6",
         "behavior.skip_ratio=0.34"])
     run = trainer.train(recipe, log=lambda *a: None)
     records = [r for r in read_metrics(run / "metrics.jsonl") if r["stage"] == "rl"]
-    assert len(records) == 2
-    for r in records:
-        assert len(r["skip_sets"]) == 2 and r["skip_set"] == r["skip_sets"][0]
+    assert len(records) == 3
+    for r in records:  # two sets per batch, or one when both draws were equal (then one sampling pass)
+        assert len(r["skip_sets"]) in (1, 2) and r["skip_set"] == r["skip_sets"][0]
+        assert len(r["skip_sets"]) == 1 or r["skip_sets"][0] != r["skip_sets"][1]
         assert all(len(s) == 2 and s[1] == s[0] + 1 for s in r["skip_sets"])  # contiguous pairs of layers
         assert r["rollout_tokens"] > 0 and not r["update_skipped"]
+    assert any(len(r["skip_sets"]) == 2 for r in records)
+
+
+def test_equal_skip_sets_sample_in_one_pass(tmp_path, monkeypatch):
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.toml", TINY_RUN_SETS + [
+        "log.progress=none", f"log.output_dir={tmp_path}", "train.steps=1", "eval.before_training=false",
+        "behavior.sets_per_batch=3", "behavior.skip_ratio=0"])
+    calls, real = [], trainer.rollout_rows
+    monkeypatch.setattr(trainer, "rollout_rows", lambda e, r, prompts, skip: calls.append(len(prompts)) or real(e, r, prompts, skip))
+    trainer.train(recipe, log=lambda *a: None)
+    assert calls == [recipe.rollout.prompts_per_step]  # r = 0: three empty sets, one pass over all prompts
 
 
 def test_sets_per_batch_must_be_positive(tmp_path):
