@@ -6,7 +6,8 @@
 #
 # (1) installs the wheels carried in .whl/ (scripts/fetch-gpu-wheels.sh) when the image lacks them,
 # (2) pytest -m gpu, (3) bench rollout: 1.5B shape, random weights, batch 64, variable prompts, EOS-ended
-# completions, every registered engine x both weights modes; bench step: the 1.5B recipe, (4) the JSON.
+# completions, every registered engine x both weights modes; bench step: the 1.5B recipe (shared vs per-row prompt
+# forward in the update, side by side), (4) the JSON.
 set -uo pipefail
 out_dir=${1:-${OUT:-.}}
 cd "$(dirname "$0")/.."
@@ -39,8 +40,8 @@ timeout 270 "$py" -m lowres_reft bench rollout --model-config qwen2.5-1.5b --ran
     >"$work/rollout.txt" 2>&1
 rollout_rc=$?
 tail -20 "$work/rollout.txt"
-timeout 120 "$py" -m lowres_reft bench step --recipe recipes/qwen-1.5b-gsm8k.toml --random-weights \
-    --cache-dir "$work/models" --steps 2 --warmup 1 --json "$work/step.json" >"$work/step.txt" 2>&1
+timeout 150 "$py" -m lowres_reft bench step --recipe recipes/qwen-1.5b-gsm8k.toml --random-weights \
+    --cache-dir "$work/models" --steps 2 --warmup 1 --plain-forward-too --json "$work/step.json" >"$work/step.txt" 2>&1
 step_rc=$?
 tail -8 "$work/step.txt"
 

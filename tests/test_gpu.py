@@ -63,6 +63,28 @@ def test_logp_at_skip_0_within_bf16_tolerance(gpu_policy, weights):
     assert float(gap.mean()) < 0.02 and float(gap.max()) < 0.5
 
 
+def test_shared_prompt_forward_within_bf16_tolerance(gpu_policy):
+    """The update's shared prompt forward vs the per-row one on GPU (bf16 + 4-bit): log-probs and adapter gradients."""
+    from lowres_reft.shared_prompt import shared_prompt_logp
+
+    batch = _engine(gpu_policy).generate(_prompts(gpu_policy))  # 4 copies of each prompt, rows side by side
+    model, mask = gpu_policy.model, batch.completion_mask.bool()
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, 1.0)
+    model.train()
+    grads = []
+    for fn in (completion_logp, shared_prompt_logp):
+        logp = fn(model, *args)
+        logp[mask].sum().backward()
+        grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad]))
+        model.zero_grad(set_to_none=True)
+        if fn is completion_logp:
+            plain = logp.detach()
+    gap = (logp.detach()[mask] - plain[mask]).abs()
+    rel = float((grads[1] - grads[0]).norm() / grads[0].norm())
+    print(f"shared vs per-row: |logp gap| mean {float(gap.mean()):.2e} max {float(gap.max()):.2e}; grad rel {rel:.2e}")
+    assert float(gap.mean()) < 0.02 and float(gap.max()) < 0.5 and rel < 0.05
+
+
 @pytest.mark.skipif("static" not in ENGINES, reason="no static engine registered")
 def test_static_engine_token_exact_greedy(gpu_policy):
     ref = _engine(gpu_policy, greedy=True).generate(_prompts(gpu_policy))
