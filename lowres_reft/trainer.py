@@ -35,7 +35,7 @@ from lowres_reft.microbatch import by_length, by_prompt
 from lowres_reft.rewards import resolve_rewards, score
 from lowres_reft.rollout import Engine, RolloutBatch, check_generation_length, make_engine, merge_rollouts
 from lowres_reft.rundir import RunLock, check_not_locked
-from lowres_reft.shared_prompt import update_logp
+from lowres_reft.shared_prompt import supports_shared_prompt, update_logp
 from lowres_reft.tracking import check_trackers, open_trackers
 from lowres_reft.typed_toml import recipe_to_toml
 
@@ -115,6 +115,7 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
     if totals is None:
         totals = dict(total_tokens=max(1, int(mask.sum().item())), total_seqs=mask.shape[0], max_new_tokens=max_new_tokens)
     all_logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)  # (N, T), original row order
+    share_prompt = share_prompt and supports_shared_prompt(policy.model)  # else by length: the tighter trim
     micro_batches = (by_prompt if share_prompt else by_length)(r, micro)  # trimmed: real lengths, not the widest row
     losses, kls, clipped, finite = 0.0, 0.0, 0.0, True
     for done, mb in enumerate(micro_batches, 1):
