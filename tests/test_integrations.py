@@ -167,7 +167,8 @@ def test_export_writes_model_cards_and_merged_loads(tracked_run, tmp_path):
 
 
 def test_model_card_of_a_hub_model_names_it_and_its_interval():
-    from lowres_reft.config import Recipe, recipe_from_dict, recipe_to_toml
+    from lowres_reft.config import Recipe, recipe_from_dict
+    from lowres_reft.typed_toml import recipe_to_toml
     from lowres_reft.modelcard import eval_line, render_model_card
 
     recipe = recipe_from_dict({"model": {"name": "Qwen/Qwen2.5-1.5B-Instruct"}, "log": {"run_name": "gsm"}})
