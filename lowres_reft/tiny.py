@@ -1,4 +1,4 @@
-"""The builtin tiny model: a Qwen2-architecture causal LM and a character-level tokenizer, built locally.
+"""The builtin tiny model: a Qwen2-architecture causal LM and its tokenizer (`tiny_tokenizer`), built locally.
 
 It lets the whole pipeline (4-bit quantization, LoRA, nested rollouts, training, export) run on a laptop
 CPU with no downloads. Built once per size (and pretraining setting) and cached under `<cache_dir>/`:
@@ -11,15 +11,15 @@ CPU with no downloads. Built once per size (and pretraining setting) and cached 
 Why pretrain: a random-init model cannot learn arithmetic word problems through LoRA adapters alone in minutes,
 so RL on it shows nothing. A real Nested-ReFT run starts from an LLM that already "knows some math" but not the
 task's format; the tiny model imitates that. Before it is saved (and later quantized to NF4 by the run), it is
-trained in full precision for `pretrain_steps` AdamW steps as a character-level LM on procedurally generated
+trained in full precision for `pretrain_steps` AdamW steps as a character-level LM (the "problems" corpus: word
+tokens, `PretrainSettings.word_tokens`) on procedurally generated
 arithmetic text that is *not* the word-problem format of `lowres_reft.data` (`pretrain_settings`): bare
 equations ("7+5=12"), phrases that state an operation in other words and then write it as an equation ("the sum
 of 7 and 5 is 7+5=12"), and "scenes" (a sentence or two of random-word prose holding two numbers, then a line
 "add: 7+5=12"), each piece followed by end-of-text; the "reasoning" corpus (`[model] tiny_corpus`) adds chains
 of carried equations ("7+5=12. 12-3=9."), bare or after a text to read their operands from (notes "7. 5 more.
 Lost 3.", or a story of random-word sentences where a cue word says what to do with each operand, mixed with
-sentences holding numbers the chain does not use). With LayerDrop (each middle
-layer skipped with probability `[model] tiny_layerdrop` in each step, through the behavior policy's own
+sentences holding numbers the chain does not use). With LayerDrop (each middle layer skipped with probability `[model] tiny_layerdrop` in each step, through the behavior policy's own
 `skip_layers`; 0 = never, like a real checkpoint), so the model still works as a nested model. So the base can
 copy numbers out of text and do the arithmetic, but has never seen "Question: ... Answer:" or the word problems'
 vocabulary ("gets 3 more", "gives away", "bags with ... each"): the supervised warm-up (LoRA) teaches that
@@ -34,6 +34,8 @@ import json
 import os
 import random
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,11 +43,9 @@ import torch
 
 from lowres_reft.fsutil import publish_dir
 from lowres_reft.schedules import warmup_cosine
+from lowres_reft.tiny_tokenizer import EOS, build_tokenizer, char_vocab, text_words
 
 TINY_NAME = "builtin:tiny"
-PAD, EOS = "<pad>", "<|endoftext|>"
-# The tokenizer's characters, one token each (ids 2..97 in this order): printable ASCII and the newline.
-CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 # Bump when the corpus generator or the training loop changes (the cache key includes it).
 PRETRAIN_VERSION = 4
 
@@ -80,11 +80,6 @@ class PretrainSettings:
     # (never all of them), so the model also works with layers skipped, as the nested behavior policy runs it.
     # 0 = never: a base that never saw a layer skipped, like a real pretrained checkpoint.
     layer_drop: float = 0.3
-    # Value ranges: those of the builtin reasoning task (lowres_reft.reasoning: values up to 20), so that two
-    # minutes of training learn the facts the task needs (at values up to 40 they do not: ~15% of bare
-    # equations right after 1200 steps). Sums and differences: results and minuends <= max_value, the other
-    # operand <= max_operand; products: a factor <= max_factor times a multiplier <= max_multiplier (either
-    # order), at most max_value.
     # Single equations: those of builtin:arithmetic (sums and differences of numbers up to 20, products of 1..5 by
     # 1..10), so a minute of training learns the facts the tasks need.
     max_add: int = 20
@@ -104,6 +99,9 @@ class PretrainSettings:
     # What follows each piece of text: the end-of-text token (each piece is a document of its own, so the model
     # learns to end a text after its result, as the task's completions do).
     separator: str = EOS
+    # Word tokens (`tiny_tokenizer.build_tokenizer(words)`, the words of this corpus and of builtin:reasoning's
+    # prompts and solutions) instead of one token per character; row lengths (`seq_len`) are in tokens.
+    word_tokens: bool = False
 
 
 CORPORA = ("arithmetic", "reasoning", "problems")
@@ -126,8 +124,8 @@ def pretrain_settings(steps: int, layer_drop: float = 0.3, corpus: str = "arithm
     notes and the cue words a 6 x 64 base never learned to copy the operands out of prose (0 of 60 chains in order
     after 1200 steps), and wrote the same chain whatever the question.
 
-    corpus "problems": phase 1 (40%) as "reasoning"; phase 2 (rows of 256): 80% training-pool word problems with
-    their chains (`reasoning.pretraining_piece`); 1200 steps: the exact chain for 9 of 40 questions ("reasoning": 0).
+    corpus "problems": word tokens (`tiny_tokenizer`; rows of 48 and 128 tokens, ~2.5-3 characters each); phase 1
+    (40%) as "reasoning"; phase 2: 80% training-pool word problems with their chains (`reasoning.pretraining_piece`).
     """
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
@@ -141,10 +139,10 @@ def pretrain_settings(steps: int, layer_drop: float = 0.3, corpus: str = "arithm
         ))
     if corpus == "problems":
         first = round(steps * 0.4)
-        return PretrainSettings(layer_drop=layer_drop, word_problems=1.0, phases=(
-            PretrainPhase(steps=first, batch_size=24, seq_len=96, lr=5e-3, warmup=30, eq_fraction=0.4,
+        return PretrainSettings(layer_drop=layer_drop, word_problems=1.0, word_tokens=True, phases=(
+            PretrainPhase(steps=first, batch_size=24, seq_len=48, lr=5e-3, warmup=30, eq_fraction=0.4,
                           scene_fraction=0.0, context_loss_weight=1.0, restate_fraction=0.3, chain_fraction=0.4),
-            PretrainPhase(steps=steps - first, batch_size=8, seq_len=256, lr=3e-3, warmup=10, eq_fraction=0.5,
+            PretrainPhase(steps=steps - first, batch_size=8, seq_len=128, lr=3e-3, warmup=10, eq_fraction=0.5,
                           scene_fraction=0.5, context_loss_weight=0.0, restate_fraction=0.0, chain_fraction=0.8),
         ))
     return PretrainSettings(layer_drop=layer_drop, phases=(
@@ -153,35 +151,6 @@ def pretrain_settings(steps: int, layer_drop: float = 0.3, corpus: str = "arithm
         PretrainPhase(steps=steps - first, batch_size=8, seq_len=224, lr=3e-3, warmup=10, eq_fraction=0.2,
                       scene_fraction=0.4, context_loss_weight=0.0, restate_fraction=0.0, chain_fraction=0.6),
     ))
-
-
-def _byte_symbol(char: str) -> str:
-    """The byte-level BPE symbol of an ASCII character (GPT-2's bytes_to_unicode: " " -> "Ġ", "\\n" -> "Ċ")."""
-    code = ord(char)
-    if 33 <= code <= 126:
-        return char
-    return chr(256 + code) if code < 33 else chr(256 + code - 94)  # valid for the control range 0..32 only
-
-
-def build_tokenizer():
-    """A character tokenizer: one token per printable ASCII character or newline (ids 2..97), plus <pad> and EOS.
-
-    The vocabulary is written in byte-level symbols with a ByteLevel pre-tokenizer and decoder, so the saved
-    tokenizer encodes the same whichever class loads it: `AutoTokenizer` picks `Qwen2Tokenizer` for a qwen2
-    config, which imposes a ByteLevel pre-tokenizer (a plain character vocabulary would lose every space and
-    newline that way), and a generic `TokenizersBackend` uses tokenizer.json as written.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {PAD: 0, EOS: 1}
-    for char in CHARS:
-        vocab[_byte_symbol(char)] = len(vocab)
-    # A BPE model without merges is a character tokenizer.
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD)
 
 
 def tiny_config(layers: int, hidden: int, vocab_size: int, heads: int = 0):
@@ -369,32 +338,60 @@ def arithmetic_piece(rng: random.Random, s: PretrainSettings, phase: PretrainPha
 
 
 def pretrain_batch(rng: random.Random, s: PretrainSettings, phase: PretrainPhase,
-                   vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, seq_len + 1) token ids of pieces each followed by `s.separator` (`vocab`: character -> id), every
+                   encode: Callable[[str], list[int]], separator_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, seq_len + 1) token ids of pieces each followed by `separator_id` (`encode`: text -> ids), every
     row starting at a piece start, and (batch, seq_len + 1) float loss weights: 1 on the equations and the
-    separator, `phase.context_loss_weight` on the context."""
+    separator, `phase.context_loss_weight` on the context. Context and equations are encoded apart: every
+    context ends at a split of the word tokenizer's pre-tokenizer (a newline or a space before a number), so
+    their tokens are those of the whole text."""
     rows, weights = [], []
     for _ in range(phase.batch_size):
         ids: list[int] = []
         weight: list[float] = []
         while len(ids) < phase.seq_len + 1:
-            context, eq = arithmetic_piece(rng, s, phase)
-            ids += [vocab[c] for c in context + eq] + [vocab[s.separator]]
+            context, eq = (encode(text) for text in arithmetic_piece(rng, s, phase))
+            ids += context + eq + [separator_id]
             weight += [phase.context_loss_weight] * len(context) + [1.0] * (len(eq) + 1)
         rows.append(ids[: phase.seq_len + 1])
         weights.append(weight[: phase.seq_len + 1])
     return torch.tensor(rows, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
 
 
-def char_vocab(tokenizer) -> dict[str, int]:
-    """Character (and EOS) -> token id of the tiny tokenizer."""
-    vocab = {c: tokenizer.convert_tokens_to_ids(_byte_symbol(c)) for c in CHARS}
-    vocab[EOS] = tokenizer.convert_tokens_to_ids(EOS)
-    return vocab
+def text_encoder(tokenizer) -> Callable[[str], list[int]]:
+    """Text -> token ids of a tiny tokenizer: a character lookup for the character tokenizer (fast, and the ids
+    the arithmetic demo's base was trained on), else the tokenizer's own encoding."""
+    vocab = char_vocab(tokenizer)
+    if len(tokenizer) == len(vocab) + 1:  # the characters, EOS and <pad>: no merges
+        return lambda text: [vocab[c] for c in text]
+    core = tokenizer.backend_tokenizer
+    return lambda text: core.encode(text, add_special_tokens=False).ids
+
+
+def corpus_words(settings: PretrainSettings, samples: int = 3000) -> Counter[str]:
+    """The words of the pretraining text (`samples` pieces of each phase) and of builtin:reasoning's prompts and
+    solutions (`samples` problems), with their counts: the vocabulary of the word tokenizer. Fixed seeds, so the
+    same settings give the same tokenizer."""
+    from lowres_reft.data import PLAIN_PROMPT_TEMPLATE, format_solution
+    from lowres_reft.reasoning import generate_problem
+
+    texts = []
+    for index, phase in enumerate(settings.phases):
+        rng = random.Random(index)
+        texts += ["".join(arithmetic_piece(rng, settings, phase)) for _ in range(samples)]
+    rng = random.Random(0)
+    for _ in range(samples):
+        problem = generate_problem(rng)
+        texts.append(PLAIN_PROMPT_TEMPLATE.format(question=problem.question) + format_solution(problem.solution))
+    return text_words(texts)
+
+
+def settings_tokenizer(settings: PretrainSettings):
+    """The tokenizer a base pretrained with `settings` reads and writes."""
+    return build_tokenizer(corpus_words(settings)) if settings.word_tokens else build_tokenizer()
 
 
 def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) -> list[float]:
-    """Train `model` (full precision, all parameters) as a character LM on `arithmetic_piece` text, phase by phase.
+    """Train `model` (full precision, all parameters) as an LM on `arithmetic_piece` text, phase by phase.
 
     Each phase has its own AdamW optimizer (lr warm-up, then cosine decay to 10%) and data stream
     (`random.Random(seed + phase index)`). With LayerDrop a random subset of the middle layers is skipped in each
@@ -404,7 +401,7 @@ def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) 
     from lowres_reft.layers import LayerStack
     from lowres_reft.nested import skip_layers
 
-    vocab = char_vocab(tokenizer)
+    encode = text_encoder(tokenizer)
     middle = list(range(1, LayerStack(model).count - 1))
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(phase.steps for phase in settings.phases)
@@ -420,7 +417,7 @@ def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) 
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         for step in range(phase.steps):
-            batch, weight = pretrain_batch(rng, settings, phase, vocab)
+            batch, weight = pretrain_batch(rng, settings, phase, encode, tokenizer.eos_token_id)
             skip = [i for i in middle if drop_rng.random() < settings.layer_drop]
             if len(skip) == len(middle) and len(middle) > 1:
                 skip.pop(drop_rng.randrange(len(skip)))
@@ -448,11 +445,13 @@ def pretrain(model, tokenizer, settings: PretrainSettings, seed: int, log=None) 
 def pretrain_key(layers: int, hidden: int, seed: int, settings: PretrainSettings) -> str:
     """Short hash of everything that determines the pretrained weights."""
     key = {"version": PRETRAIN_VERSION, "layers": layers, "hidden": hidden, "seed": seed, **asdict(settings)}
-    del key["word_problems"]  # absent unless used: the other corpora keep their keys (and caches)
+    del key["word_problems"], key["word_tokens"]  # absent unless used: the other corpora keep their keys (and caches)
     if settings.word_problems > 0:  # the task's own text is in the corpus: its format is part of the weights
         from lowres_reft.reasoning import TASK_VERSION
 
         key.update(word_problems=settings.word_problems, task_version=TASK_VERSION)
+    if settings.word_tokens:
+        key.update(word_tokens=True)
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -481,7 +480,8 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
     target = Path(cache_dir) / tiny_dir_name(layers, hidden, pretrain_steps, seed, layer_drop, corpus, heads)
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
-    tokenizer = build_tokenizer()
+    settings = pretrain_settings(pretrain_steps, layer_drop, corpus) if pretrain_steps > 0 else None
+    tokenizer = settings_tokenizer(settings) if settings else build_tokenizer()
     vocab_size = 64 * ((len(tokenizer) + 63) // 64)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
         torch.manual_seed(seed)
@@ -492,7 +492,7 @@ def ensure_tiny_model(cache_dir: str | Path, layers: int, hidden: int, seed: int
                     f"heads) on arithmetic text "
                     f"({pretrain_steps} steps, {corpus} corpus, LayerDrop {layer_drop:g}, cached in {target})")
             with torch.enable_grad():
-                pretrain(model, tokenizer, pretrain_settings(pretrain_steps, layer_drop, corpus), seed, log)
+                pretrain(model, tokenizer, settings, seed, log)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -9,7 +9,7 @@ from lowres_reft.config import DataConfig
 from lowres_reft.data import BUILTIN_REASONING, KNOWN_DATASETS, load_problems
 from lowres_reft.reasoning import MAX_VALUE, builtin_reasoning, builtin_reasoning_eval
 from lowres_reft.rewards import extract_answer, math_correct_final
-from lowres_reft.tiny import build_tokenizer
+from lowres_reft.tiny_tokenizer import build_tokenizer
 
 _EQ = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}

@@ -10,18 +10,17 @@ import pytest
 import torch
 
 from lowres_reft.tiny import (
-    EOS,
     PretrainPhase,
     arithmetic_piece,
-    build_tokenizer,
-    char_vocab,
     ensure_tiny_model,
     pretrain,
     pretrain_batch,
     pretrain_settings,
+    text_encoder,
     tiny_config,
     tiny_dir_name,
 )
+from lowres_reft.tiny_tokenizer import EOS, build_tokenizer, char_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 _EQ = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")
@@ -135,9 +134,10 @@ def test_batch_weights_equations_and_separators_and_rows_start_at_a_piece():
     settings = pretrain_settings(12)
     phase = PretrainPhase(steps=1, batch_size=4, seq_len=80, lr=1e-3, warmup=1, eq_fraction=0.0, scene_fraction=1.0,
                           context_loss_weight=0.0)
-    vocab = char_vocab(build_tokenizer())
+    tok = build_tokenizer()
+    vocab = char_vocab(tok)
     inverse = {i: c for c, i in vocab.items()}
-    ids, weight = pretrain_batch(random.Random(1), settings, phase, vocab)
+    ids, weight = pretrain_batch(random.Random(1), settings, phase, text_encoder(tok), vocab[EOS])
     assert ids.shape == weight.shape == (4, 81)
     for row, w in zip(ids.tolist(), weight.tolist()):
         text = "".join(inverse[i] for i in row)

@@ -103,7 +103,7 @@ def build_random_model(shape: str, target: Path, device, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
     from lowres_reft.fsutil import publish_dir
-    from lowres_reft.tiny import build_tokenizer
+    from lowres_reft.tiny_tokenizer import build_tokenizer
 
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
