@@ -31,7 +31,7 @@ from lowres_reft.problems import Problem, in_eval_pool, sample_split
 
 # Bump when the questions or the reference solutions change: the "problems" pretraining corpus holds them, and
 # the tiny model's cache key includes this.
-TASK_VERSION = 2
+TASK_VERSION = 3
 # Seed of the held-out set: fixed, so every run evaluates on the same problems.
 REASONING_EVAL_SEED = 4321
 # Largest value a problem ever holds (start, intermediate results, answer); the pretraining covers it.
@@ -137,7 +137,8 @@ def pretraining_piece(rng: random.Random) -> tuple[str, str]:
     while True:
         problem = generate_problem(rng)
         if not in_eval_pool(problem.question):
-            return problem.question + "\n", problem.solution.rsplit(" The answer is", 1)[0]
+            chain, answer = problem.solution.rsplit(" The answer is", 1)
+            return problem.question + "\n", chain + (" The answer is" + answer if rng.random() < 0.5 else "")
 
 
 def builtin_reasoning(n: int, seed: int) -> list[Problem]:
