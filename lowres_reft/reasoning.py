@@ -132,8 +132,10 @@ def generate_problem(rng: random.Random) -> Problem:
 
 
 def pretraining_piece(rng: random.Random) -> tuple[str, str]:
-    """(question + newline, its chain without "The answer is N.") of a training-pool problem, never a held-out one:
-    the word problems of the tiny model's "problems" pretraining corpus (`lowres_reft.tiny`)."""
+    """(question + newline, its chain) of a training-pool problem, never a held-out one: the word problems of the
+    tiny model's "problems" pretraining corpus (`lowres_reft.tiny`). Half of the chains end with "The answer is N.":
+    with none, the word "answer" was never a target, and after the warm-up greedy decoding wrote it but sampling
+    (temperature 0.3) spread it over other tokens ("Thet is 9."): 1-5% of rollouts stated an answer, 78% greedy."""
     while True:
         problem = generate_problem(rng)
         if not in_eval_pool(problem.question):

@@ -93,8 +93,8 @@ class PretrainSettings:
     max_operand: int = 20
     max_factor: int = 10
     max_multiplier: int = 5
-    # Fraction of the phase-2 chains replaced by a training-pool word problem of builtin:reasoning and its chain
-    # without "The answer is N." ("problems" corpus: a real base read worked word problems, not the answer format).
+    # Fraction of the phase-2 chains replaced by a training-pool word problem of builtin:reasoning and its chain,
+    # half of them with "The answer is N." ("problems" corpus: a real base read worked word problems and the phrase).
     word_problems: float = 0.0
     # What follows each piece of text: the end-of-text token (each piece is a document of its own, so the model
     # learns to end a text after its result, as the task's completions do).

@@ -156,3 +156,19 @@ def test_reasoning_recipe_loads_and_runs_two_steps_with_layerdrop_zero(tmp_path)
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["stage"] == "rl"] == [1, 2]
     assert all(len(r["skip_set"]) == 1 for r in records if r["stage"] == "rl")  # r = 0.16 of 6 layers: 1
+
+
+def test_pretraining_pieces_are_training_pool_chains_half_with_the_answer_sentence():
+    import random
+
+    from lowres_reft.problems import in_eval_pool
+    from lowres_reft.reasoning import pretraining_piece
+
+    rng = random.Random(0)
+    pieces = [pretraining_piece(rng) for _ in range(400)]
+    assert all(q.endswith("\n") and not in_eval_pool(q[:-1]) for q, _ in pieces)
+    with_answer = [chain for _, chain in pieces if " The answer is " in chain]
+    assert 0.4 < len(with_answer) / len(pieces) < 0.6  # the phrase is a trained target, the format not always
+    for chain in with_answer:  # the stated answer is the chain's last result
+        last_result = chain.rsplit(" The answer is ", 1)[0].rstrip(".").rsplit("=", 1)[1]
+        assert chain.endswith(f" The answer is {last_result}.")

@@ -108,11 +108,11 @@ def test_pieces_hold_true_equations_and_carried_chains_within_the_ranges(corpus)
     assert kinds == {"bare", "scene", "phrase"} | chains
 
 
-def test_problems_corpus_holds_training_pool_word_problems_without_the_final_answer(monkeypatch):
+def test_problems_corpus_holds_training_pool_word_problems_half_with_the_final_answer(monkeypatch):
     from lowres_reft import reasoning
 
     settings = pretrain_settings(12, corpus="problems")
-    rng, found = random.Random(0), 0
+    rng, found, stated = random.Random(0), 0, 0
     held_out = {p.question for p in reasoning.builtin_reasoning_eval(200)}
     for _ in range(300):
         context, text = arithmetic_piece(rng, settings, settings.phases[1])
@@ -120,10 +120,12 @@ def test_problems_corpus_holds_training_pool_word_problems_without_the_final_ans
             found += 1
             question = context[:-1]
             assert context.endswith("?\n") and question not in held_out and not reasoning.in_eval_pool(question)
-            assert "The answer" not in text and ": " in text
+            assert ": " in text and "Question" not in context + text  # never the task's prompt format
             value = int(_EQ.findall(text)[-1][3])
             assert 1 <= value <= reasoning.MAX_VALUE
+            stated += text.endswith(f" The answer is {value}.")
     assert found > 150  # 80% of the chains, themselves 80% of phase 2's pieces
+    assert 0.35 * found < stated < 0.65 * found  # half state the answer: "answer" is a trained word
     # the task's text is in the weights: a new task format is a new cache key, for this corpus only
     a, plain = tiny_dir_name(6, 64, 100, corpus="problems"), tiny_dir_name(6, 64, 100, corpus="reasoning")
     monkeypatch.setattr(reasoning, "TASK_VERSION", reasoning.TASK_VERSION + 1)
