@@ -54,7 +54,7 @@ def supports_shared_prompt(model: nn.Module) -> bool:
     return getattr(config, "sliding_window", None) is None
 
 
-def _prefix_cache(model: nn.Module, keys: list[Tensor], values: list[Tensor]):
+def _prefix_cache(keys: list[Tensor], values: list[Tensor]):
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -122,7 +122,7 @@ def shared_prompt_logp(
     layers = prompt_cache.layers
     if len(layers) != len(stack.layers) or any(layer.get_seq_length() != p_ids.shape[1] for layer in layers):
         return None
-    cache = _prefix_cache(model, [layer.keys[index] for layer in layers], [layer.values[index] for layer in layers])
+    cache = _prefix_cache([layer.keys[index] for layer in layers], [layer.values[index] for layer in layers])
     attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # (b, P+T)
     completion_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, prompt_ids.shape[1]:]
     with _layer_flags(model, _can_checkpoint_with_cache=True):  # read-only prefix: a replay reads the same states
