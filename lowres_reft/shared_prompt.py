@@ -12,8 +12,10 @@ The prefix cache is read-only (`_PrefixLayer.update` returns prefix + new states
 replayed by activation checkpointing reads the same states as its first run; the prompt forward itself runs
 without checkpointing (it holds 1/G of the prompt activations the plain recompute would).
 
-Supported where every layer attends to the whole past (no sliding window); elsewhere, and when a transformers
-version drops the cache inside a layer, `shared_prompt_logp` returns None and the caller uses the plain recompute.
+Supported where every layer attends to the whole past (no sliding window); elsewhere, and when the layers leave
+the given cache unfilled or unread (then remembered on the model), `shared_prompt_logp` returns None and the caller
+uses the plain recompute. A layer that dropped the cache while the stack still masks for it would fail loudly (a
+key/mask length mismatch), not silently: checked under activation checkpointing on transformers 5.24 only.
 With LoRA dropout the G rows share their prompt's dropout draw (the plain recompute draws one per row).
 """
 
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lowres_reft.layers import LayerStack, cache_kwarg, decoder_stack
+from lowres_reft.layers import LayerStack, cache_kwarg, decoder_stack, unwrap
 from lowres_reft.logprobs import completion_logp, model_logp
 
 
@@ -45,8 +47,14 @@ def distinct_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, T
     return rows, renumber[inverse]
 
 
+_UNUSABLE = "lowres_shared_prompt_unusable"  # set on the causal LM once its layers ignored the prefix cache
+
+
 def supports_shared_prompt(model: nn.Module) -> bool:
-    """True when every decoder layer attends to the whole past (a sliding window would need its own cache)."""
+    """True when every decoder layer attends to the whole past (a sliding window would need its own cache) and no
+    earlier call found the layers ignoring the given cache."""
+    if getattr(unwrap(model), _UNUSABLE, False):
+        return False
     config = LayerStack(model).config
     types = getattr(config, "layer_types", None)
     if types is not None:
@@ -121,7 +129,7 @@ def shared_prompt_logp(
                               **{cache_key: prompt_cache}).last_hidden_state  # (u, P, H)
     layers = prompt_cache.layers
     if len(layers) != len(stack.layers) or any(layer.get_seq_length() != p_ids.shape[1] for layer in layers):
-        return None
+        return _unusable(model)
     cache = _prefix_cache([layer.keys[index] for layer in layers], [layer.values[index] for layer in layers])
     attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # (b, P+T)
     completion_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, prompt_ids.shape[1]:]
@@ -129,10 +137,17 @@ def shared_prompt_logp(
         hidden = stack(input_ids=completion_ids, attention_mask=attention_mask, position_ids=completion_positions,
                        use_cache=False, **{cache_key: cache}).last_hidden_state  # (b, T, H)
     if any(layer.reads == 0 for layer in cache.layers):  # a layer ran without its prefix: not usable here
-        return None
+        return _unusable(model)
     # The prompt's last hidden state predicts the first completion token; completion position t predicts t + 1.
     predicting = torch.cat([prompt_hidden[index, -1:], hidden[:, :-1]], dim=1)  # (b, T, H)
     return model_logp(model, predicting, completion_ids, temperature, chunk)
+
+
+def _unusable(model: nn.Module) -> None:
+    """Remember that this model's layers do not fill or read a given cache (this transformers version), so later
+    micro-batches go straight to the plain recompute instead of paying for two wasted forwards each."""
+    setattr(unwrap(model), _UNUSABLE, True)
+    return None
 
 
 def update_logp(model: nn.Module, mb, temperature: float, chunk: int, share: bool) -> Tensor:

@@ -130,3 +130,24 @@ def test_no_repeated_prompt_uses_the_plain_forward():
     rows = torch.tensor([0, 4, 8])  # one completion of each prompt
     assert shared_prompt_logp(model, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows],
                               r.completion_mask[rows], 1.0) is None
+
+
+def test_a_model_whose_layers_ignore_the_prefix_falls_back_once_and_for_good(monkeypatch):
+    """If a transformers version drops the given cache inside its layers, the shared forward gives None (the caller
+    recomputes per row), and later calls do not run the two wasted forwards again."""
+    model = arch_models.build("qwen2")
+    r = grouped_batch(arch_models.COMMON["vocab_size"]).rollout
+    args = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.0)
+    real, calls = shared_prompt._prefix_cache, []
+
+    def unread(keys, values):  # the prefix is used but its reads are not counted: the guard sees an unread cache
+        cache = real(keys, values)
+        calls.append(1)
+        for layer in cache.layers:
+            layer.update = lambda k, v, *a, layer=layer, **kw: (torch.cat([layer.keys, k], -2),
+                                                                 torch.cat([layer.values, v], -2))
+        return cache
+
+    monkeypatch.setattr(shared_prompt, "_prefix_cache", unread)
+    assert supports_shared_prompt(model) and shared_prompt_logp(model, *args) is None and calls == [1]
+    assert not supports_shared_prompt(model) and shared_prompt_logp(model, *args) is None and calls == [1]
