@@ -1,5 +1,5 @@
 # Two commands, each doing its own set-up in ./.venv:
-#   make demo   - train the embedded tiny recipe on the CPU (no downloads)
+#   make demo   - train the embedded tiny reasoning recipe on the CPU (no downloads)
 #   make test   - install the test dependencies and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(VENV)/bin/lowres-reft run recipes/tiny-cpu.toml --set log.run_name=tiny-cpu-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/lowres-reft run recipes/tiny-reasoning.toml --set log.run_name=tiny-reasoning-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -q

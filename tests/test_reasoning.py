@@ -152,11 +152,12 @@ def test_reasoning_recipe_loads_and_runs_two_steps_with_layerdrop_zero(tmp_path)
             "train.steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
             "eval.max_new_tokens=8", "data.max_eval_samples=2", "data.builtin_train_size=16",
             "data.builtin_test_size=4", "lora.r=2", f"log.output_dir={tmp_path}", "log.run_name=r", "log.progress=none",
-            "behavior.skip_ratio=0.16"]  # the recipe runs on-policy (nested loses on its base); the nested path too
+            "warmup.skip_distill_steps=2"]
     assert main(["run", str(root / "recipes" / "tiny-reasoning.toml"), *[a for s in sets for a in ("--set", s)]]) == 0
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["stage"] == "rl"] == [1, 2]
     assert all(len(r["skip_set"]) == 1 for r in records if r["stage"] == "rl")  # r = 0.16 of 6 layers: 1
+    assert sum(1 for r in records if r["stage"] == "warmup" and r["skip_distill"]) == 2
 
 
 def test_pretraining_pieces_are_training_pool_chains_half_with_the_answer_sentence():
