@@ -144,8 +144,9 @@ class WarmupConfig:
     lr: float = 1e-4
     batch_size: int = 16
     max_tokens: int = 512  # longer examples are cut (the loss is on the solution tokens only)
-    # Then this many steps of skip distillation: KL(full || nested) on the same examples, LoRA only (0 = none).
+    # Then steps of skip distillation (0 = none; warmup.py), skipping that ratio of layers (0 = [behavior]'s ratio).
     skip_distill_steps: int = 0
+    skip_distill_ratio: float = 0.0
 
     def validate(self) -> None:
         _require(self.steps >= 0, "steps", "must be >= 0")
@@ -153,6 +154,7 @@ class WarmupConfig:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.max_tokens >= 8, "max_tokens", "must be >= 8")
         _require(self.skip_distill_steps >= 0, "skip_distill_steps", "must be >= 0")
+        _require(0.0 <= self.skip_distill_ratio < 1.0, "skip_distill_ratio", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -419,9 +421,7 @@ def _build_section(cls: type, values: dict[str, Any], section: str, source: str)
         try:
             kwargs[key] = coerce(value, hints[key])
         except TypeError:
-            raise ConfigError(
-                f"{source}: [{section}] {key} must be {type_name(hints[key])}, got {value!r}"
-            ) from None
+            raise ConfigError(f"{source}: [{section}] {key} must be {type_name(hints[key])}, got {value!r}") from None
     for f in dataclasses.fields(cls):
         value = kwargs.get(f.name)
         if isinstance(value, float) and not math.isfinite(value) and not (math.isinf(value) and f.metadata.get("allow_inf")):

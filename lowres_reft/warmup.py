@@ -18,11 +18,13 @@ normalized by the whole batch's completion tokens), and the vocabulary projectio
 examples, optimizer and micro-batches; a skip set per step drawn as the behavior policy draws it): the loss is
 KL(teacher || nested) + KL(teacher || full) per completion token, the teacher being the full model as the
 supervised steps left it (`skip_distill_kl`). It makes a base that never saw LayerDrop tolerate the nested
-rollouts' skipped layers; with nothing to skip (r = 0) there is no distillation.
+rollouts' skipped layers; with nothing to skip (r = 0) there is no distillation, unless `[warmup]
+skip_distill_ratio` > 0 sets the distillation's own ratio.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -259,10 +261,15 @@ def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print) -> N
 
 def distill_schedule(recipe, model):
     """The skip sets of skip distillation: the behavior's own schedule (`build_skip_schedule`), at its largest ratio
-    under the adaptive schedule; None when it skips nothing (r = 0)."""
+    under the adaptive schedule, or at `[warmup] skip_distill_ratio` when that is > 0 (e.g. distillation before
+    on-policy RL, as a control); None when it skips nothing (r = 0)."""
     from lowres_reft.builders import build_skip_schedule
 
     count = LayerStack(model).count
+    ratio = recipe.warmup.skip_distill_ratio
+    if ratio > 0 and recipe.behavior.schedule != "fixed":  # random sets of that ratio (a fixed list stays fixed)
+        behavior = dataclasses.replace(recipe.behavior, skip_ratio=ratio, schedule="random")
+        recipe = dataclasses.replace(recipe, behavior=behavior)
     schedule = build_skip_schedule(count, recipe, recipe.train.seed + 31_337)
     if recipe.behavior.schedule == "adaptive":
         schedule.set_ratio(recipe.behavior.max_ratio)

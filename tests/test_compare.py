@@ -141,7 +141,9 @@ def test_compare_trl_curve_starts_where_ours_does(tmp_path, capsys):
     assert [step for step, _ in result["checkpoints"]] == [1]  # the last step's adapter is the final one
     # Ours started from the shared start too: its model, no second warm-up.
     recipe = (out / "shared-r0-none-seed0" / "checkpoint-last" / "recipe.toml").read_text()
-    assert str((out / "start-seed0").resolve()) in recipe and "steps = 0" in recipe.split("[warmup]")[1].split("[")[0]
+    warmup = recipe.split("[warmup]")[1].split("[")[0]
+    assert str((out / "start-seed0").resolve()) in recipe and "\nsteps = 0" in warmup
+    assert "skip_distill_steps = 0" in warmup  # a skip distillation, if the recipe has one, is in the start too
     assert "| trl |" in (out / "compare.md").read_text() and (out / "compare-time.png").is_file()
     capsys.readouterr()
     assert main(args) == 0  # a second call reuses the start and both runs

@@ -190,3 +190,35 @@ def test_skip_distillation_after_the_warmup_lowers_the_nested_models_divergence(
     run_warmup(policy, Recipe(warmup=WarmupConfig(steps=1, lr=1e-3, batch_size=8, skip_distill_steps=5),
                               behavior=BehaviorConfig(skip_ratio=0.0)), problems, sink, log=lambda *a: None)
     assert len(sink.records) == 1
+
+
+def test_skip_distill_ratio_gives_distillation_its_own_ratio_with_the_behaviors_draws(tiny_policy):
+    """`[warmup] skip_distill_ratio` > 0: distillation skips that ratio even when the behavior skips nothing (r = 0,
+    the README's control), drawing the same sets as a behavior of that ratio would; 0 = the behavior's ratio."""
+    from lowres_reft.config import BehaviorConfig
+    from lowres_reft.warmup import distill_schedule
+
+    model = tiny_policy().model
+    beh = dict(protect_first=0, protect_last=0)
+    own = Recipe(warmup=WarmupConfig(skip_distill_steps=4, skip_distill_ratio=0.5), behavior=BehaviorConfig(skip_ratio=0.0, **beh))
+    same = Recipe(warmup=WarmupConfig(skip_distill_steps=4), behavior=BehaviorConfig(skip_ratio=0.5, **beh))
+    a, b = distill_schedule(own, model), distill_schedule(same, model)
+    seq_a, seq_b = [sorted(a.draw()) for _ in range(8)], [sorted(b.draw()) for _ in range(8)]
+    assert seq_a == seq_b and len({tuple(s) for s in seq_a}) > 1, seq_a
+    assert all(len(s) == len(seq_a[0]) > 0 for s in seq_a)
+    assert distill_schedule(Recipe(warmup=WarmupConfig(skip_distill_steps=4), behavior=BehaviorConfig(skip_ratio=0.0, **beh)), model) is None
+    adaptive = Recipe(warmup=WarmupConfig(skip_distill_steps=4, skip_distill_ratio=0.5),
+                      behavior=BehaviorConfig(schedule="adaptive", skip_ratio=0.0, min_ratio=0.0, max_ratio=0.2, **beh))
+    assert [len(distill_schedule(adaptive, model).draw()) for _ in range(3)] == [len(seq_a[0])] * 3  # not max_ratio's
+
+
+def test_skip_distill_ratio_out_of_range_is_a_config_error(tmp_path):
+    import pytest
+
+    from lowres_reft.config import load_recipe
+    from lowres_reft.errors import ConfigError
+
+    path = tmp_path / "r.toml"
+    path.write_text("[warmup]\nskip_distill_ratio = 1.0\n")
+    with pytest.raises(ConfigError, match=r"\[warmup\] skip_distill_ratio must be in \[0, 1\)"):
+        load_recipe(path)

@@ -40,8 +40,10 @@ def shared_start(recipe, seed: int, out: Path) -> Path:
 
 
 def start_overrides(out: Path, seed: int) -> list[str]:
-    """What our variants change to start from the shared start: its weights, no second warm-up, a start eval."""
-    return [f"model.name={start_dir(out, seed).resolve()}", "warmup.steps=0", "eval.before_training=true"]
+    """What our variants change to start from the shared start: its weights, no second warm-up (nor skip
+    distillation: the start has it when the recipe asks), a start eval."""
+    return [f"model.name={start_dir(out, seed).resolve()}", "warmup.steps=0", "warmup.skip_distill_steps=0",
+            "eval.before_training=true"]
 
 
 def run_dir(out: Path, seed: int) -> Path:

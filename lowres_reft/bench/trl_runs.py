@@ -62,7 +62,8 @@ def check_comparable(recipe) -> None:
 
 
 def prepare_base(recipe, seed: int, target: Path, log=print) -> Path:
-    """The recipe's base + our supervised warm-up (seeded), merged into a float32 HF model directory at `target`."""
+    """The recipe's base + our supervised warm-up (seeded; with its skip distillation when the recipe has one, at
+    the recipe's skip ratio), merged into a float32 HF model directory at `target`."""
     import torch
 
     from lowres_reft.data import load_problems
@@ -73,7 +74,7 @@ def prepare_base(recipe, seed: int, target: Path, log=print) -> Path:
 
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed))
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, seed=seed)
-    if recipe.warmup.steps > 0:
+    if recipe.warmup.steps > 0 or recipe.warmup.skip_distill_steps > 0:
         torch.manual_seed(seed)
         run_warmup(policy, recipe, load_problems(recipe.data, "train"), NullLog(), log)
     policy.model.eval()
@@ -259,7 +260,8 @@ def adapter_saver(every: int, steps: int, run_dir: Path, saved: list):
 def ours_overrides(variant: str, seed: int, steps: int, run_dir: Path) -> list[str]:
     """Recipe overrides of our run: the variant's, the seed and steps, no warm-up/eval/checkpoints mid-run."""
     return OURS_OVERRIDES[variant] + [
-        f"train.seed={seed}", f"train.steps={steps}", "warmup.steps=0", "eval.before_training=false", "eval.every=0",
+        f"train.seed={seed}", f"train.steps={steps}", "warmup.steps=0", "warmup.skip_distill_steps=0",
+        "eval.before_training=false", "eval.every=0",
         "checkpoint.every=0", "log.progress=none", f"log.output_dir={run_dir.parent}", f"log.run_name={run_dir.name}",
         "data.max_eval_samples=1",  # the trainer's own final eval is not the measurement: keep it minimal
     ]
