@@ -1,4 +1,8 @@
-"""The embedded demos learn: the real CLI on the shipped tiny recipes (pretrained base, warm-up, Nested-ReFT RL)."""
+"""The embedded demo learns: the real CLI on the demo recipe as shipped (pretrained base, warm-up, Nested-ReFT RL).
+
+The arithmetic recipe (recipes/tiny-cpu.toml) runs in the CLI, compare and bench tests on few steps; its learning
+run left this suite to keep it under 10 minutes on 2 cores (measured in README, "The demo learns").
+"""
 
 from __future__ import annotations
 
@@ -41,27 +45,3 @@ def test_make_demo_reasoning_recipe_gains_ten_points_with_nested_rollouts(tmp_pa
     evals = {r["label"]: r["eval_accuracy"] for r in records if r["stage"] == "eval"}
     assert 0.25 < evals["after_warmup"] < 0.7, evals  # the warm-up teaches the format: room left for RL
     assert evals["final"] > evals["after_warmup"] + 0.10, evals  # greedy, 200 held-out problems
-
-
-@pytest.mark.slow
-def test_arithmetic_recipe_reward_on_training_rollouts_rises(tmp_path, capsys):
-    """recipes/tiny-cpu.toml (the arithmetic task on a 4-layer LayerDrop base, built here: ~40 s), cut to 30 RL
-    steps, no eval before training.
-
-    Fixed seed. Rollouts come from the nested model (1 of the 2 middle layers skipped) with Retrace; the mean
-    reward of the last 10 steps must beat the first 10 steps' (each step has 128 rollouts), and greedy held-out
-    accuracy must rise over the after-warm-up eval.
-    """
-    code = main(["run", str(ROOT / "recipes" / "tiny-cpu.toml"), "--set", f"log.output_dir={tmp_path}",
-                 "--set", "log.run_name=demo", "--set", "log.progress=none", "--set", "train.steps=30",
-                 "--set", "eval.before_training=false", "--set", "checkpoint.every=0"])
-    assert code == 0, capsys.readouterr().err
-    records = _records(tmp_path / "demo")
-    rewards = [r["reward_mean"] for r in records if r["stage"] == "rl"]
-    assert len(rewards) == 30
-    assert all(r["skip_set"] and r["skip_ratio"] == 0.25 for r in records if r["stage"] == "rl")  # nested rollouts
-    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert last > first + 0.03, (first, last, rewards)  # measured here: 0.34 -> 0.43
-    evals = {r["label"]: r["eval_accuracy"] for r in records if r["stage"] == "eval"}
-    assert 0.2 < evals["after_warmup"] < 0.7  # the warm-up teaches the format: partial accuracy, room for RL
-    assert evals["final"] > evals["after_warmup"] + 0.05, evals  # greedy, 200 held-out problems (0.52 -> 0.665 here)

@@ -1,7 +1,6 @@
 """peft options in [lora]: rsLoRA, DoRA, modules_to_save, init_lora_weights; validated, trained, exported."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -12,7 +12,6 @@ import pytest
 from lowres_reft.data import PLAIN_PROMPT_TEMPLATE, format_solution
 from lowres_reft.reasoning import builtin_reasoning, builtin_reasoning_eval
 from lowres_reft.tiny import (
-    PretrainPhase,
     pretrain_batch,
     pretrain_settings,
     settings_tokenizer,
