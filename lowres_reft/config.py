@@ -465,9 +465,9 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
 
 def _validate_recipe(recipe: Recipe) -> None:
     src = recipe.source
-    if recipe.behavior.schedule == "fixed" and recipe.behavior.skip_ratio > 0:
-        # With an explicit layer list the ratio is implied; refuse silently conflicting settings.
-        raise ConfigError(f'{src}: [behavior] skip_ratio must be 0 (or omitted) when schedule = "fixed"; the layers list sets what is skipped')
+    for key, ratio in (("[behavior] skip_ratio", recipe.behavior.skip_ratio), ("[warmup] skip_distill_ratio", recipe.warmup.skip_distill_ratio)):
+        if recipe.behavior.schedule == "fixed" and ratio > 0:  # the layer list sets what is skipped: no silent conflict
+            raise ConfigError(f'{src}: {key} must be 0 (or omitted) when [behavior] schedule = "fixed"; the layers list sets what is skipped')
     if "reasoning_gym" in recipe.reward.functions and not recipe.data.name.startswith("reasoning_gym:"):
         raise ConfigError(f'{src}: [reward] functions: "reasoning_gym" scores with a reasoning-gym task\'s verifier; '
                           'it needs [data] name = "reasoning_gym:<task>"')

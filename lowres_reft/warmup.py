@@ -267,7 +267,7 @@ def distill_schedule(recipe, model):
 
     count = LayerStack(model).count
     ratio = recipe.warmup.skip_distill_ratio
-    if ratio > 0 and recipe.behavior.schedule != "fixed":  # random sets of that ratio (a fixed list stays fixed)
+    if ratio > 0:  # random sets of that ratio (config refuses it with a fixed schedule)
         behavior = dataclasses.replace(recipe.behavior, skip_ratio=ratio, schedule="random")
         recipe = dataclasses.replace(recipe, behavior=behavior)
     schedule = build_skip_schedule(count, recipe, recipe.train.seed + 31_337)

@@ -42,6 +42,8 @@ def test_trust_remote_code_defaults_false():
         ({"train": {"lr": True}}, "lr must be a number"),
         ({"behavior": {"schedule": "fixed"}}, "layers"),
         ({"behavior": {"schedule": "fixed", "layers": [1], "skip_ratio": 0.25}}, "skip_ratio must be 0"),
+        ({"behavior": {"schedule": "fixed", "layers": [1], "skip_ratio": 0}, "warmup": {"skip_distill_ratio": 0.25}},
+         "[warmup] skip_distill_ratio must be 0 (or omitted) when [behavior] schedule = \"fixed\""),
         ({"rollout": {"top_p": 0}}, "top_p must be in (0, 1]"),
         ({"log": {"run_name": "a/b"}}, "plain name"),
         ({"train": 3}, "must be a table"),
