@@ -1,70 +1,90 @@
 #!/usr/bin/env bash
-# GPU kit: the `gpu` tests, then bench rollout and bench step for the 1.5B shape, within ~8 minutes on one GPU.
-# Writes one JSON (gpu-check.json) combining the test outcome and both bench reports into $1, or $OUT, or ./.
+# GPU kit: the `gpu` tests, then bench step and bench rollout for the 1.5B shape, within a time budget (default
+# 380 s, GPU_CHECK_BUDGET; the stages took ~5 minutes together on an H100, 2026-12-06) on one GPU. Writes each
+# stage's log and JSON as it goes (8 files), then one JSON (gpu-check.json) combining them, into $1, or $OUT, or ./
+# (so a stage cut off by the budget still leaves the earlier ones).
 #
 #   scripts/gpu-check.sh [OUT_DIR]
 #
-# (1) installs the wheels carried in .whl/ (scripts/fetch-gpu-wheels.sh) when the image lacks them,
-# (2) pytest -m gpu, (3) bench rollout: 1.5B shape, random weights, batch 64, variable prompts, EOS-ended
-# completions, every registered engine x both weights modes; bench step: the 1.5B recipe (shared vs per-row prompt
-# forward in the update, side by side), (4) the JSON.
+# (0) versions and the GPU, (1) installs the wheels carried in .whl/ (scripts/fetch-gpu-wheels.sh) when the image
+# lacks them, (2) pytest -m gpu (~30 s), (3) bench step: the 1.5B recipe as shipped (64 x 512-token rollouts; time
+# and torch.cuda.max_memory_allocated per phase), with the loop engine (~75 s) and the static one (~50 s), (4) bench
+# rollout: 1.5B shape, random weights, batch 64, prompts of 64-128 tokens, 64 new tokens, r = 0 / 0.25 / 0.5,
+# engines loop and static x both weights modes, vs model.generate (~2 min), (5) the JSON.
+# The sizes are the ones that fit: the first run of this kit (256 new tokens, 2 repeats, --plain-forward-too) ran
+# past its 8-minute budget on an H100 with neither bench finished.
 set -uo pipefail
 out_dir=${1:-${OUT:-.}}
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-work=$(mktemp -d)
+export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+deadline=$((SECONDS + ${GPU_CHECK_BUDGET:-380}))
+models=$(mktemp -d)
 mkdir -p "$out_dir"
+
+# A stage's time limit: its own cap, or what is left before the deadline (less 15 s for the JSON), whichever is less.
+limit() { local left=$((deadline - SECONDS - 15)); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
+
+# (0)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2
 
 # (1) only what is missing: never replace the image's torch/transformers.
 if compgen -G ".whl/*.whl" >/dev/null; then
-    for module in bitsandbytes datasets math_verify; do
+    for module in bitsandbytes math_verify; do
         if ! "$py" -c "import $module" 2>/dev/null; then missing=1; fi
     done
     if [ -n "${missing:-}" ]; then
-        "$py" -m pip install --quiet --no-index --find-links .whl .whl/*.whl 2>&1 | tail -3
+        "$py" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/gpu-site .whl/*.whl 2>&1 | tail -3
+        export PYTHONPATH=$PWD:/tmp/gpu-site
     fi
 fi
+"$py" -c "import torch, transformers, peft, accelerate, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__, '| bitsandbytes', bitsandbytes.__version__)"
 
 # (2) the gpu tests (~1 minute)
-timeout 150 "$py" -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py --junitxml="$work/gpu-tests.xml" \
-    >"$work/gpu-tests.txt" 2>&1
+timeout "$(limit 100)" "$py" -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py >"$out_dir/gpu-tests.txt" 2>&1
 tests_rc=$?
-tail -5 "$work/gpu-tests.txt"
+tail -6 "$out_dir/gpu-tests.txt"
 
-# (3) the benches, sharing one random-weights 1.5B model (~5 minutes)
-engines=$("$py" -c "from lowres_reft.rollout import ENGINES; print(','.join(ENGINES))")
-timeout 270 "$py" -m lowres_reft bench rollout --model-config qwen2.5-1.5b --random-weights --cache-dir "$work/models" \
-    --batch 64 --prompt-len 128 --prompt-len-spread 64 --new-tokens 256 --eos-mean 128 --skip-ratios 0,0.25 \
-    --repeats 2 --warmup 1 --engines "$engines" --weights shared4bit,merged16 --json "$work/rollout.json" \
-    >"$work/rollout.txt" 2>&1
+# (3) bench step, the recipe as shipped (merged16 rollouts, gradient checkpointing, micro-batch 8), loop then static
+step_rc=0
+for engine in loop static; do
+    timeout "$(limit 110)" "$py" -m lowres_reft bench step --recipe recipes/qwen-1.5b-gsm8k.toml --random-weights \
+        --cache-dir "$models" --steps 1 --warmup 1 --set rollout.engine=$engine --json "$out_dir/step-$engine.json" \
+        >"$out_dir/step-$engine.txt" 2>&1 || step_rc=$?
+    tail -3 "$out_dir/step-$engine.txt"
+done
+
+# (4) bench rollout, sharing the random-weights 1.5B model
+timeout "$(limit 150)" "$py" -m lowres_reft bench rollout --model-config qwen2.5-1.5b --random-weights \
+    --cache-dir "$models" --batch 64 --prompt-len 128 --prompt-len-spread 64 --new-tokens 64 \
+    --skip-ratios 0,0.25,0.5 --repeats 1 --warmup 1 --engines loop,static --weights shared4bit,merged16 \
+    --json "$out_dir/rollout.json" >"$out_dir/rollout.txt" 2>&1
 rollout_rc=$?
-tail -20 "$work/rollout.txt"
-timeout 150 "$py" -m lowres_reft bench step --recipe recipes/qwen-1.5b-gsm8k.toml --random-weights \
-    --cache-dir "$work/models" --steps 2 --warmup 1 --plain-forward-too --json "$work/step.json" >"$work/step.txt" 2>&1
-step_rc=$?
-tail -8 "$work/step.txt"
+tail -24 "$out_dir/rollout.txt"
 
-# (4) one JSON
-"$py" - "$work" "$out_dir/gpu-check.json" "$tests_rc" "$rollout_rc" "$step_rc" <<'PY'
+# (5) one JSON
+"$py" - "$out_dir" "$tests_rc" "$step_rc" "$rollout_rc" <<'PY'
 import json, sys
 from pathlib import Path
 
-work, target = Path(sys.argv[1]), Path(sys.argv[2])
-rcs = dict(zip(("gpu_tests", "bench_rollout", "bench_step"), map(int, sys.argv[3:6])))
+out = Path(sys.argv[1])
+rcs = dict(zip(("gpu_tests", "bench_step", "bench_rollout"), map(int, sys.argv[2:5])))
 
 def load(name):
-    path = work / name
+    path = out / name
     return json.loads(path.read_text()) if path.exists() else None
 
 def tail(name, lines=40):
-    path = work / name
+    path = out / name
     return path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
 
-report = {"exit_codes": rcs, "gpu_tests_output": tail("gpu-tests.txt"), "bench_rollout": load("rollout.json"),
-          "bench_step": load("step.json"), "bench_rollout_output": tail("rollout.txt"), "bench_step_output": tail("step.txt")}
-target.write_text(json.dumps(report, indent=1) + "\n")
-print(f"wrote {target}; exit codes {rcs}")
+report = {"exit_codes": rcs, "gpu_tests_output": tail("gpu-tests.txt"),
+          "bench_step": {engine: load(f"step-{engine}.json") for engine in ("loop", "static")},
+          "bench_rollout": load("rollout.json"),
+          "bench_step_output": {engine: tail(f"step-{engine}.txt") for engine in ("loop", "static")},
+          "bench_rollout_output": tail("rollout.txt")}
+(out / "gpu-check.json").write_text(json.dumps(report, indent=1) + "\n")
+print(f"wrote {out / 'gpu-check.json'}; exit codes {rcs}")
 PY
-rm -rf "$work"
+rm -rf "$models"
 [ "$tests_rc" = 0 ] && [ "$rollout_rc" = 0 ] && [ "$step_rc" = 0 ]

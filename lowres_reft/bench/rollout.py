@@ -270,6 +270,9 @@ def _measure(args: argparse.Namespace, setup: _Setup) -> _Timings:
             full, first = rollouts.call(item, n), rollouts.call(item, 1)
             seconds, peak, (tokens, slots) = timed(full, setup.device)
             pre_seconds, pre_peak, _ = timed(first, setup.device)
+            kind, r, _, engine, weights = item
+            print(f"    {kind} {engine}/{weights} r={r}: {seconds:.2f} s full ({tokens} useful / {slots} slot tokens), "
+                  f"{pre_seconds:.2f} s prefill", flush=True)  # progress: a run cut off by a time limit still says something
             if rep >= args.warmup:
                 timings.times[i].append(seconds)
                 timings.prefill[i].append(pre_seconds)

@@ -70,6 +70,9 @@ def run_step(args: argparse.Namespace) -> int:
     results = []
     for index in range(args.warmup + args.steps):
         measured = phases.measure()
+        print(f"  step {index + 1}/{args.warmup + args.steps}{' (warm-up)' if index < args.warmup else ''}: rollout "
+              f"{measured.rollout_s:.2f} s, log-probs + backward {measured.logprob_backward_s:.2f} s, optimizer "
+              f"{measured.optimizer_s:.3f} s", flush=True)
         if index >= args.warmup:
             results.append(_result_row(index - args.warmup + 1, setup, measured, phases.paired))
     report = make_report("bench step", setup.device, _run_config(args, setup), _summary(setup, results), results)
