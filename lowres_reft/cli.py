@@ -17,7 +17,8 @@ from lowres_reft.errors import UserError
 DEFAULT_RECIPE = "recipes/tiny-reasoning.toml"  # the demo (`make demo`)
 # Subcommands living in their own modules; each module has add_parser(subparsers) and run(args) -> int,
 # and keeps heavy imports (torch, transformers) inside run() so `--help` stays fast.
-PLUGGED = {"eval": "lowres_reft.evalcmd", "bench": "lowres_reft.bench", "compare": "lowres_reft.compare"}
+PLUGGED = {"eval": "lowres_reft.evalcmd", "bench": "lowres_reft.bench", "compare": "lowres_reft.compare",
+           "build-base": "lowres_reft.basecmd"}
 
 
 def _quiet_libraries() -> None:

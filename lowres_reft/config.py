@@ -56,7 +56,7 @@ class ModelConfig:
     # base tolerates the nested rollouts' skipped layers; 0 = never (like a real checkpoint). Part of the cache key.
     tiny_layerdrop: float = 0.3
     # Text of that pretraining: "arithmetic" (equations, phrases, scenes), "reasoning" (also chains of carried
-    # equations) or "problems" (also builtin:reasoning's training-pool word problems); see tiny.pretrain_settings.
+    # equations) or "problems" (also builtin:reasoning's training-pool word problems); see tiny_corpus.pretrain_settings.
     tiny_corpus: Literal["arithmetic", "reasoning", "problems"] = "arithmetic"
     # Attention heads of the tiny model, each with its own key/value head (0 = the original shape); more, narrower
     # heads help a tiny base copy numbers out of prose (builtin:reasoning). Part of the cache directory's name.

@@ -60,9 +60,10 @@ def test_tensorboard_events_hold_grouped_scalars_per_step(tracked_run):
 
 
 def test_cpu_run_does_not_print_the_bitsandbytes_kernels_warning(tracked_run):
+    """No line about bitsandbytes' optional Hub kernel, whatever bitsandbytes / kernels / the hub client would say
+    (tests/test_quiet.py checks the guard and the filters themselves)."""
     _, output = tracked_run
-    assert "kernels-community" not in output and "Failed to load" not in output
-    assert output.count("bitsandbytes uses its built-in CPU 4-bit kernels") <= 1
+    assert "kernel" not in output.lower(), output
 
 
 def test_grouped_metrics_table_and_fallback():
@@ -108,25 +109,6 @@ def test_missing_tracker_package_fails_before_anything_is_written(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: [log] trackers:")
     assert f"pip install {tracking.PIP_PACKAGES[name]}" in lines[0]
     assert not (tmp_path / "runs").exists()
-
-
-def test_bnb_kernels_warning_becomes_one_note():
-    """The filter itself (the CLI test above only sees the warning on CPUs with avx512_bf16)."""
-    import logging
-
-    from lowres_reft import quiet
-
-    assert any(isinstance(f, quiet._RewordBnbKernels) for f in logging.getLogger(quiet.BNB_CPU_LOGGER).filters)
-    reword = quiet._RewordBnbKernels()
-
-    def record(msg, *args):
-        return logging.LogRecord(quiet.BNB_CPU_LOGGER, logging.WARNING, "ops.py", 1, msg, args, None)
-
-    first = record("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module named 'kernels'")
-    assert reword.filter(first) and first.getMessage() == quiet.BNB_KERNELS_NOTE
-    assert not reword.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "again"))
-    other = record("something else: %s", 1)
-    assert reword.filter(other) and other.getMessage() == "something else: 1"
 
 
 def _front_matter(text: str) -> dict:

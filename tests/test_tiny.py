@@ -9,17 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowres_reft.tiny import (
-    PretrainPhase,
-    arithmetic_piece,
-    ensure_tiny_model,
-    pretrain,
-    pretrain_batch,
-    pretrain_settings,
-    text_encoder,
-    tiny_config,
-    tiny_dir_name,
-)
+from lowres_reft.tiny import ensure_tiny_model, pretrain, tiny_config, tiny_dir_name
+from lowres_reft.tiny_corpus import PretrainPhase, arithmetic_piece, pretrain_batch, pretrain_settings, text_encoder
 from lowres_reft.tiny_tokenizer import EOS, build_tokenizer, char_vocab
 
 ROOT = Path(__file__).resolve().parents[1]

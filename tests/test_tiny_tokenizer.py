@@ -11,14 +11,8 @@ import pytest
 
 from lowres_reft.data import PLAIN_PROMPT_TEMPLATE, format_solution
 from lowres_reft.reasoning import builtin_reasoning, builtin_reasoning_eval
-from lowres_reft.tiny import (
-    pretrain_batch,
-    pretrain_settings,
-    settings_tokenizer,
-    text_encoder,
-    tiny_config,
-    tiny_dir_name,
-)
+from lowres_reft.tiny import tiny_config, tiny_dir_name
+from lowres_reft.tiny_corpus import pretrain_batch, pretrain_settings, settings_tokenizer, text_encoder
 from lowres_reft.tiny_tokenizer import CHARS, EOS, bpe_merges, build_tokenizer, text_words
 
 _EQ = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")

@@ -212,7 +212,7 @@ def median(values: Sequence[float | None]) -> float | None:
 # Report: environment, JSON, table cells
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     import platform
 
     try:
@@ -250,7 +250,7 @@ def environment(device) -> dict[str, Any]:
                "peak_bandwidth_Bps": peak_bandwidth(name), "cuda": torch.version.cuda, "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads()}
     else:
-        dev = {"type": "cpu", "name": _cpu_name(), "total_memory_bytes": None, "peak_bandwidth_Bps": None,
+        dev = {"type": "cpu", "name": cpu_name(), "total_memory_bytes": None, "peak_bandwidth_Bps": None,
                "cuda": None, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     return {"device": dev, "torch": torch.__version__, "transformers": transformers.__version__,
             "bitsandbytes": bnb_version, "peft": peft_version, "python": platform.python_version()}
