@@ -1,6 +1,6 @@
 """lowres-reft: Nested-ReFT (layer-skipped off-policy rollouts + corrected GRPO) on 4-bit LoRA models."""
 
-from lowres_reft import quiet as _quiet
+from lowres_reft.utils import quiet as _quiet
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 import sys
 
-from lowres_reft.cli import main
+from lowres_reft.cli.main import main
 
 sys.exit(main())

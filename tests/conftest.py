@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from lowres_reft.config import LoraConfig, ModelConfig
-from lowres_reft.tiny import TINY_NAME
+from lowres_reft.model.builtin import TINY_NAME
 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A cache dir holding the builtin tiny model (built once per test session)."""
-    from lowres_reft.tiny import ensure_tiny_model
+    from lowres_reft.tiny.builder import ensure_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-cache")
     ensure_tiny_model(root / "_builtin", layers=4, hidden=64)
@@ -70,7 +70,7 @@ def randomize_lora(model, seed: int = 0, scale: float = 0.2) -> None:
 
 @pytest.fixture
 def tiny_policy(tiny_cache):
-    from lowres_reft.model import load_policy
+    from lowres_reft.model.loader import load_policy
 
     def make(load_in_4bit: bool = True, seed: int = 0, **lora):
         policy = load_policy(tiny_model_cfg(load_in_4bit=load_in_4bit), LoraConfig(r=4, alpha=8, dropout=0.0, **lora), cache_dir=tiny_cache)

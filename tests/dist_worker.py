@@ -13,9 +13,10 @@ from conftest import randomize_lora, tiny_model_cfg  # noqa: E402
 
 def shard_gradients(cache, batch, rank: int, world: int) -> list[torch.Tensor]:
     from lowres_reft.config import LoraConfig, LossConfig, Recipe, RolloutConfig
-    from lowres_reft.distributed import Dist, sum_gradients
-    from lowres_reft.model import load_policy
-    from lowres_reft.trainer import ScoredBatch, accumulate_gradients, global_totals
+    from lowres_reft.model.loader import load_policy
+    from lowres_reft.rl.batch import ScoredBatch, global_totals
+    from lowres_reft.rl.distributed import Dist, sum_gradients
+    from lowres_reft.rl.update import accumulate_gradients
 
     policy = load_policy(tiny_model_cfg(), LoraConfig(r=4, alpha=8, dropout=0.0), cache_dir=cache)
     randomize_lora(policy.model, 0)

@@ -5,11 +5,11 @@ Run by scripts/gpu-check.sh with the bench commands; thresholds here are numeric
 
 import pytest
 import torch
-
 from conftest import randomize_lora, tiny_model_cfg
+
 from lowres_reft.config import LoraConfig
-from lowres_reft.logprobs import completion_logp
-from lowres_reft.rollout import ENGINES, make_engine
+from lowres_reft.model.logprobs import completion_logp
+from lowres_reft.rollout.engine import ENGINES, make_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -18,7 +18,7 @@ PROMPTS = ["Tom has 3 apples. He gets 4 more.", "Q: 2+2", "Ann has 9 pens.", "12
 
 @pytest.fixture
 def gpu_policy(tiny_cache):
-    from lowres_reft.model import load_policy
+    from lowres_reft.model.loader import load_policy
 
     policy = load_policy(tiny_model_cfg(device="cuda", dtype="bfloat16", load_in_4bit=True),
                          LoraConfig(r=4, alpha=8, dropout=0.0), cache_dir=tiny_cache)
@@ -65,7 +65,7 @@ def test_logp_at_skip_0_within_bf16_tolerance(gpu_policy, weights):
 
 def test_shared_prompt_forward_within_bf16_tolerance(gpu_policy):
     """The update's shared prompt forward vs the per-row one on GPU (bf16 + 4-bit): log-probs and adapter gradients."""
-    from lowres_reft.shared_prompt import shared_prompt_logp
+    from lowres_reft.rl.shared_prompt import shared_prompt_logp
 
     batch = _engine(gpu_policy).generate(_prompts(gpu_policy))  # 4 copies of each prompt, rows side by side
     model, mask = gpu_policy.model, batch.completion_mask.bool()

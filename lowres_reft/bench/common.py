@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lowres_reft.bench.roofline import peak_bandwidth
-from lowres_reft.errors import UsageError
+from lowres_reft.utils.errors import UsageError
+from lowres_reft.utils.machine import cpu_name
 
 SCHEMA_VERSION = 1
 
@@ -102,8 +103,8 @@ def build_random_model(shape: str, target: Path, device, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lowres_reft.fsutil import publish_dir
-    from lowres_reft.tiny_tokenizer import build_tokenizer
+    from lowres_reft.tiny.tokenizer import build_tokenizer
+    from lowres_reft.utils.fsutil import publish_dir
 
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
@@ -212,18 +213,6 @@ def median(values: Sequence[float | None]) -> float | None:
 # Report: environment, JSON, table cells
 
 
-def cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device) -> dict[str, Any]:
     import os
     import platform
@@ -290,8 +279,8 @@ def dumps(obj: Any, level: int = 0) -> str:
 def write_json(report: dict, path: str | None) -> None:
     """Write the report to `path` (nothing when None) atomically: a temp file renamed into place."""
 
-    from lowres_reft.fsutil import atomic_write_text
-    from lowres_reft.metrics import json_safe
+    from lowres_reft.run.metrics import json_safe
+    from lowres_reft.utils.fsutil import atomic_write_text
 
     if not path:
         return

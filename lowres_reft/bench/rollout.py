@@ -44,6 +44,7 @@ from lowres_reft.bench.common import (
     timed,
     write_json,
 )
+from lowres_reft.bench.rollout_calls import Rollouts
 from lowres_reft.bench.roofline import (
     decode_weight_bytes,
     ideal_speedup,
@@ -52,8 +53,7 @@ from lowres_reft.bench.roofline import (
     peak_bandwidth,
     split_layer_time,
 )
-from lowres_reft.bench.rollout_calls import Rollouts
-from lowres_reft.errors import UsageError
+from lowres_reft.utils.errors import UsageError
 
 # (kind: ours/generate/calibration, skip ratio, skipped layers, engine, weights mode)
 Item = tuple[str, float | None, tuple[int, ...], str, str]
@@ -182,10 +182,9 @@ def _setup(args: argparse.Namespace, ratios: list[float]) -> _Setup:
     import torch
 
     from lowres_reft.config import LoraConfig, ModelConfig
-    from lowres_reft.model import load_policy, resolve_device, resolve_dtype
-
-    from lowres_reft.rollout import ENGINES
-    from lowres_reft.rollout_weights import WEIGHT_MODES
+    from lowres_reft.model.loader import load_policy, resolve_device, resolve_dtype
+    from lowres_reft.model.rollout_weights import WEIGHT_MODES
+    from lowres_reft.rollout.engine import ENGINES
 
     args.engine_list = parse_names(args.engines, "--engines", ENGINES)
     args.weights_list = parse_names(args.weights, "--weights", WEIGHT_MODES)
@@ -211,7 +210,7 @@ def _setup(args: argparse.Namespace, ratios: list[float]) -> _Setup:
 
 
 def _items(args: argparse.Namespace, ratios: list[float], num_layers: int) -> list[Item]:
-    from lowres_reft.nested import SkipSchedule
+    from lowres_reft.model.nested import SkipSchedule
 
     skips: dict[float, tuple[int, ...]] = {}
     for r in ratios:
@@ -287,7 +286,7 @@ def _measure_log_rho(args: argparse.Namespace, setup: _Setup, timings: _Timings)
     """Per group's r = 0 item (sampled runs): |log rho| of its behavior log-probs vs the training recompute."""
     import torch
 
-    from lowres_reft.logprobs import completion_logp
+    from lowres_reft.model.logprobs import completion_logp
 
     if args.greedy:
         return
@@ -329,7 +328,7 @@ def _results(args: argparse.Namespace, setup: _Setup, timings: _Timings, splits:
 
 def _weight_bytes(setup: _Setup, item: Item, batch: int) -> dict[str, int]:
     """Decode-step weight bytes, counted on the weights the item decodes through (merged copies for merged16)."""
-    from lowres_reft.rollout_weights import rollout_weights
+    from lowres_reft.model.rollout_weights import rollout_weights
 
     with rollout_weights(setup.model, item[4], item[2]):
         return decode_weight_bytes(setup.model, item[2], batch)

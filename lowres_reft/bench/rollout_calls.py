@@ -14,7 +14,7 @@ class Rollouts:
     """Builds the timed calls: one rollout of at most n new tokens per sequence, returning (useful, slot) tokens."""
 
     def __init__(self, args: argparse.Namespace, setup) -> None:
-        from lowres_reft.rollout import left_pad
+        from lowres_reft.rollout.engine import left_pad
 
         self.args, self.model, self.device = args, setup.model, setup.device
         self.prompts, self.eos_ids = setup.prompts, setup.eos_ids
@@ -29,7 +29,7 @@ class Rollouts:
     def engine(self, engine: str, weights: str, n: int):
         import torch
 
-        from lowres_reft.rollout import make_engine
+        from lowres_reft.rollout.engine import make_engine
 
         g = torch.Generator(device=self.device).manual_seed(self.args.seed)
         return make_engine(engine, self.model, weights=weights, max_new_tokens=n, eos_ids=self.eos_ids,

@@ -107,7 +107,7 @@ def stored_bytes(module, seen: set[int] | None = None) -> int:
 
 def decode_weight_bytes(model, skip: Sequence[int], batch: int) -> dict[str, int]:
     """Bytes of weights one decode step reads with the decoder layers in `skip` bypassed (see module doc)."""
-    from lowres_reft.layers import LayerStack
+    from lowres_reft.model.layers import LayerStack
 
     stack = LayerStack(model)
     skip_set = set(skip)

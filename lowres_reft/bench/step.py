@@ -37,7 +37,7 @@ from lowres_reft.bench.common import (
     write_json,
 )
 from lowres_reft.bench.roofline import model_bytes
-from lowres_reft.errors import UsageError
+from lowres_reft.utils.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +109,7 @@ class _Setup:
 
 def _resolve_shape(args: argparse.Namespace, recipe) -> str | None:
     """The built-in shape to build with random weights (from --model-config or the recipe's model name), or None."""
-    from lowres_reft.tiny import TINY_NAME
+    from lowres_reft.model.builtin import TINY_NAME
 
     shape = args.model_config
     if shape is None and args.random_weights and recipe.model.name != TINY_NAME:
@@ -128,8 +128,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
     import tempfile
 
     from lowres_reft.config import load_recipe
-    from lowres_reft.model import load_policy, resolve_device
-    from lowres_reft.builders import build_lr_scheduler, build_optimizer, build_skip_schedule
+    from lowres_reft.model.loader import load_policy, resolve_device
+    from lowres_reft.rl.builders import build_lr_scheduler, build_optimizer, build_skip_schedule
 
     recipe = load_recipe(args.recipe, args.overrides)
     shape = _resolve_shape(args, recipe)
@@ -198,7 +198,7 @@ class _Phases:
     def __init__(self, args: argparse.Namespace, setup: _Setup) -> None:
         import torch
 
-        from lowres_reft.distributed import Dist
+        from lowres_reft.rl.distributed import Dist
 
         self.setup = setup
         self.generator = torch.Generator(device=setup.device).manual_seed(setup.recipe.train.seed)
@@ -214,9 +214,9 @@ class _Phases:
         """grad_accum batches of full-length rollouts on random prompts, scored with uniform random rewards."""
         import torch
 
-        from lowres_reft import loss as loss_fn
-        from lowres_reft.builders import build_engine
-        from lowres_reft.trainer import ScoredBatch, rollout_rows
+        from lowres_reft.rl import loss as loss_fn
+        from lowres_reft.rl.batch import ScoredBatch, rollout_rows
+        from lowres_reft.rl.builders import build_engine
 
         setup, recipe = self.setup, self.setup.recipe
         ro, n_seq = recipe.rollout, setup.sequences
@@ -233,7 +233,8 @@ class _Phases:
 
     def update(self, batches: list) -> tuple:
         """`trainer.apply_updates` on the batches: (per-update results, grad norm, whether the optimizer stepped)."""
-        from lowres_reft.trainer import apply_updates, global_totals
+        from lowres_reft.rl.batch import global_totals
+        from lowres_reft.rl.update import apply_updates
 
         setup, recipe = self.setup, self.setup.recipe
         totals = [global_totals(b, recipe, self.single) for b in batches]
@@ -242,7 +243,9 @@ class _Phases:
 
     def backward_only(self, batches: list, share_prompt: bool) -> None:
         """The update's log-probs + backward on the batches (no optimizer step; gradients dropped after)."""
-        from lowres_reft.trainer import accumulate_gradients, global_totals, trainable
+        from lowres_reft.rl.batch import global_totals
+        from lowres_reft.rl.builders import trainable
+        from lowres_reft.rl.update import accumulate_gradients
 
         setup, recipe = self.setup, self.setup.recipe
         for batch in batches:

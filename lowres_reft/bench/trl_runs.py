@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from lowres_reft.errors import UsageError
+from lowres_reft.utils.errors import UsageError
 
 LOSS_TYPES = {"token_mean": "dapo", "seq_mean": "grpo", "dr_grpo": "dr_grpo"}
 SCALE_REWARDS = {"std": "group", "none": "none"}
@@ -66,11 +66,11 @@ def prepare_base(recipe, seed: int, target: Path, log=print) -> Path:
     the recipe's skip ratio), merged into a float32 HF model directory at `target`."""
     import torch
 
-    from lowres_reft.data import load_problems
-    from lowres_reft.export import merge_dequantized
-    from lowres_reft.model import load_policy
-    from lowres_reft.trainer import NullLog
-    from lowres_reft.warmup import run_warmup
+    from lowres_reft.data.datasets import load_problems
+    from lowres_reft.model.loader import load_policy
+    from lowres_reft.rl.warmup import run_warmup
+    from lowres_reft.run.export import merge_dequantized
+    from lowres_reft.run.metrics import NullLog
 
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed))
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, seed=seed)
@@ -101,7 +101,7 @@ def base_model_config(recipe, base: Path):
 
 def trl_rows(problems, prompt_texts: list[str], recipe, steps: int) -> list[dict]:
     """The TRL dataset: one row per prompt in our trainer's order (`prompt_indices` of steps 1..steps)."""
-    from lowres_reft.trainer import prompt_indices
+    from lowres_reft.rl.batch import prompt_indices
 
     rows = []
     for step in range(1, steps + 1):
@@ -112,7 +112,7 @@ def trl_rows(problems, prompt_texts: list[str], recipe, steps: int) -> list[dict
 
 def trl_reward(recipe):
     """Our reward (`rewards.score` with the recipe's [reward] settings) as a TRL reward function."""
-    from lowres_reft.rewards import score
+    from lowres_reft.data.rewards import score
 
     cfg = recipe.reward
 
@@ -193,9 +193,10 @@ def build_trl_trainer(recipe, base: Path, seed: int, steps: int, output_dir: Pat
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    from lowres_reft.builders import build_lr_scheduler, build_optimizer
-    from lowres_reft.data import encode_prompts, format_prompt, load_problems
-    from lowres_reft.model import load_policy
+    from lowres_reft.data.datasets import load_problems
+    from lowres_reft.data.prompts import encode_prompts, format_prompt
+    from lowres_reft.model.loader import load_policy
+    from lowres_reft.rl.builders import build_lr_scheduler, build_optimizer
 
     policy = load_policy(base_model_config(recipe, base), recipe.lora, recipe.log.output_dir, seed=seed)
     problems = load_problems(recipe.data, "train")
@@ -221,7 +222,7 @@ def build_trl_trainer(recipe, base: Path, seed: int, steps: int, output_dir: Pat
 
 def run_trl(recipe, base: Path, seed: int, steps: int, run_dir: Path, save_every: int = 0) -> dict:
     """TRL's training run; `save_every` > 0 also saves the adapter after every that many steps (but the last)."""
-    from lowres_reft.model import eos_token_ids
+    from lowres_reft.model.loader import eos_token_ids
 
     clock = Clock([])
     trainer, policy = build_trl_trainer(recipe, base, seed, steps, run_dir / "trl", clock)
@@ -269,7 +270,7 @@ def ours_overrides(variant: str, seed: int, steps: int, run_dir: Path) -> list[s
 
 def run_ours(recipe, base: Path, run_dir: Path) -> dict:
     """Our trainer on the merged start (`recipe` already carries `ours_overrides`)."""
-    from lowres_reft.trainer import train
+    from lowres_reft.run.loop import train
 
     recipe = dataclasses.replace(recipe, model=base_model_config(recipe, base))
     out = train(recipe)
@@ -285,10 +286,11 @@ def run_ours(recipe, base: Path, run_dir: Path) -> dict:
 
 def evaluate_adapter(recipe, base: Path, adapter: Path | None) -> float:
     """Greedy held-out accuracy of the merged start in 4-bit + `adapter` (None: the start itself)."""
-    from lowres_reft.data import encode_prompts, load_problems
-    from lowres_reft.evaluation import evaluate
-    from lowres_reft.model import eos_token_ids, load_policy
-    from lowres_reft.rollout import make_engine
+    from lowres_reft.data.datasets import load_problems
+    from lowres_reft.data.prompts import encode_prompts
+    from lowres_reft.model.loader import eos_token_ids, load_policy
+    from lowres_reft.rollout.engine import make_engine
+    from lowres_reft.run.evaluation import evaluate
 
     policy = load_policy(base_model_config(recipe, base), recipe.lora, recipe.log.output_dir, adapter_dir=adapter)
     problems = load_problems(recipe.data, "eval")

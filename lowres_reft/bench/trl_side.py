@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from lowres_reft.bench.common import check_positive, fmt, make_report, write_json
-from lowres_reft.errors import UsageError
+from lowres_reft.utils.errors import UsageError
 
 VARIANTS = ("trl", "ours-r0", "ours-r0.25")
 

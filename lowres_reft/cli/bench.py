@@ -1,0 +1,26 @@
+"""`lowres-reft bench rollout|step|trl`: throughput and memory of nested rollouts, of a full training step, and a
+side-by-side run against TRL's GRPOTrainer (the `bench` package)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lowres_reft.bench import rollout, step, trl_side
+from lowres_reft.bench.common import set_threads
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="measure rollout throughput and training-step time/memory")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+    rollout.add_arguments(sub.add_parser("rollout", help="tokens/s of nested rollouts per skip ratio vs model.generate"))
+    step.add_arguments(sub.add_parser("step", help="time and peak memory of full training steps, by phase"))
+    trl_side.add_arguments(sub.add_parser("trl", help="side by side with TRL's GRPOTrainer on identical settings (CPU)"))
+
+
+def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    if args.bench_command == "rollout":
+        return rollout.run_rollout(args)
+    if args.bench_command == "trl":
+        return trl_side.run_trl_side(args)
+    return step.run_step(args)
