@@ -129,7 +129,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
 
     from lowres_reft.config import load_recipe
     from lowres_reft.model.loader import load_policy, resolve_device
-    from lowres_reft.rl.builders import build_lr_scheduler, build_optimizer, build_skip_schedule
+    from lowres_reft.rl.builders import build_lr_scheduler, build_optimizer, build_skip_schedule, layer_ranking
 
     recipe = load_recipe(args.recipe, args.overrides)
     shape = _resolve_shape(args, recipe)
@@ -141,7 +141,15 @@ def _setup(args: argparse.Namespace) -> _Setup:
         policy = load_policy(recipe.model, recipe.lora, cache_dir=args.cache_dir or scratch,
                              gradient_checkpointing=recipe.train.gradient_checkpointing, seed=recipe.train.seed)
     allocated_after_load = allocated(device)
-    schedule = build_skip_schedule(policy.num_layers, recipe, recipe.train.seed)
+    ranking = None
+    if recipe.behavior.skip_layers == "influence":  # measured on random text, as the bench has no data
+        import torch
+
+        vocab = policy.model.get_base_model().config.vocab_size
+        gen = torch.Generator().manual_seed(args.seed)
+        texts = torch.randint(2, vocab, (recipe.behavior.influence_texts, args.prompt_len), generator=gen).tolist()
+        ranking = layer_ranking(policy, recipe, texts)[0]
+    schedule = build_skip_schedule(policy.num_layers, recipe, recipe.train.seed, ranking)
     optimizer = build_optimizer(policy, recipe)
     scheduler = build_lr_scheduler(optimizer, recipe, (args.warmup + args.steps) * recipe.loss.updates_per_batch)
     return _Setup(recipe, shape, device, policy, allocated_after_load, schedule, schedule.skip_ratio, optimizer, scheduler)

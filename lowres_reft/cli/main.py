@@ -23,6 +23,7 @@ COMMANDS = {
     "bench": "lowres_reft.cli.bench",
     "compare": "lowres_reft.cli.compare",
     "build-base": "lowres_reft.cli.build_base",
+    "layers": "lowres_reft.cli.layers",
 }
 
 

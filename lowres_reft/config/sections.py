@@ -179,6 +179,12 @@ class BehaviorConfig:
     # Skip sets per rollout batch: its prompts are split into this many runs, each sampled by a nested model of its
     # own (an ensemble of behavior policies inside one batch; one sampling pass per set).
     sets_per_batch: int = 1
+    # Which valid layers the random sets come from: "uniform" (any, the paper) or "influence" (the round(influence_pool
+    # x k) valid layers of least block influence, 1 - cos(layer input, output), measured on the base model (adapters
+    # off) at the start of the run over the first `influence_texts` training problems; k layers drawn per batch).
+    skip_layers: Literal["uniform", "influence"] = "uniform"
+    influence_pool: float = 1.5
+    influence_texts: int = 64
     layers: tuple[int, ...] = ()
     protect_first: int = 1
     protect_last: int = 1
@@ -197,6 +203,11 @@ class BehaviorConfig:
         _require(0.0 < self.target_ess <= 1.0, "target_ess", "must be in (0, 1]")
         _require(self.adapt_rate > 0.0, "adapt_rate", "must be > 0")
         _require(self.sets_per_batch >= 1, "sets_per_batch", "must be >= 1")
+        _require(self.influence_pool >= 1.0, "influence_pool", "must be >= 1 (the pool holds at least the layers skipped)")
+        _require(self.influence_texts >= 1, "influence_texts", "must be >= 1")
+        if self.skip_layers == "influence":
+            _require(self.schedule != "fixed", "skip_layers", '= "influence" draws random sets; it cannot go with schedule = "fixed"')
+            _require(self.layout == "scattered", "skip_layers", '= "influence" needs layout = "scattered" (its pool need not be contiguous)')
 
 
 @dataclass(frozen=True)

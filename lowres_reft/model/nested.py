@@ -3,7 +3,9 @@
 Definitions (Nested-ReFT): decoder layers are 0..L-1; the valid (skippable) layers are all but the first
 `protect_first` and the last `protect_last`. Each rollout batch draws `round(r * L)` of them uniformly
 without replacement (schedule "random"; with layout "contiguous", a run of consecutive valid layers with a uniform
-start), or uses an explicit list (schedule "fixed").
+start), or uses an explicit list (schedule "fixed"). With a `ranking` (the valid layers, least influential first:
+`model.influence`), the k = round(r * L) layers are drawn uniformly from the pool of the round(pool * k) first
+ones of the ranking (at least k): a new random set per batch still, among the layers that matter least.
 
 Mechanism: `skip_layers(model, skip)` temporarily replaces the stack's `layers` ModuleList by one holding
 only the kept layers (the same module objects: weights, 4-bit storage and LoRA adapters are shared, nothing
@@ -46,12 +48,17 @@ class SkipSchedule:
         layers: Sequence[int] = (),
         seed: int = 0,
         layout: str = "scattered",
+        ranking: Sequence[int] | None = None,
+        pool: float = 1.5,
     ) -> None:
         self.num_layers = num_layers
         self.skip_ratio = skip_ratio
         self.schedule = schedule
         self.layout = layout
         self.valid = valid_layers(num_layers, protect_first, protect_last)
+        if ranking is not None and sorted(ranking) != self.valid:
+            raise ValueError(f"the influence ranking must order exactly the valid layers {self.valid}, got {list(ranking)}")
+        self.ranking, self.pool = (list(ranking) if ranking is not None else None), pool
         if not self.valid and (skip_ratio > 0 or layers):
             raise ValueError(f"protect_first + protect_last leave no skippable layer out of the model's {num_layers}")
         if schedule == "fixed":
@@ -80,7 +87,13 @@ class SkipSchedule:
         if self.layout == "contiguous":  # a run of `count` consecutive valid layers, its start uniform
             start = self.rng.randrange(len(self.valid) - count + 1)
             return tuple(self.valid[start : start + count])
-        return tuple(sorted(self.rng.sample(self.valid, count)))
+        return tuple(sorted(self.rng.sample(self.candidates(count), count)))
+
+    def candidates(self, count: int) -> list[int]:
+        """The layers a set of `count` is drawn from: every valid layer, or the ranking's pool."""
+        if self.ranking is None:
+            return self.valid
+        return self.ranking[: min(len(self.ranking), max(count, int(self.pool * count + 0.5)))]
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()

@@ -189,7 +189,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print) -> None:
+def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print, ranking: list[int] | None = None) -> None:
     """Supervised fine-tuning of the adapters on the problems' reference solutions (see the module docstring).
 
     Writes one metrics record per step (`stage = "warmup"`). The model is in train mode during the warm-up and
@@ -207,7 +207,11 @@ def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print) -> N
     micro = max(1, recipe.train.micro_batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chunk = recipe.loss.logprob_chunk
-    skips = distill_schedule(recipe, model)
+    if ranking is None and recipe.behavior.skip_layers == "influence":
+        from lowres_reft.rl.builders import layer_ranking, ranking_texts
+
+        ranking = layer_ranking(policy, recipe, ranking_texts(tokenizer, problems, recipe))[0]
+    skips = distill_schedule(recipe, model, ranking)
     distill = cfg.skip_distill_steps if skips is not None else 0
     steps = cfg.steps + distill
     every = max(1, steps // 5)
@@ -260,10 +264,11 @@ def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print) -> N
         model.train(was_training)
 
 
-def distill_schedule(recipe, model):
-    """The skip sets of skip distillation: the behavior's own schedule (`build_skip_schedule`), at its largest ratio
-    under the adaptive schedule, or at `[warmup] skip_distill_ratio` when that is > 0 (e.g. distillation before
-    on-policy RL, as a control); None when it skips nothing (r = 0)."""
+def distill_schedule(recipe, model, ranking: list[int] | None = None):
+    """The skip sets of skip distillation: the behavior's own schedule (`build_skip_schedule`, from the influence pool
+    with `[behavior] skip_layers = "influence"`: `ranking`), at its largest ratio under the adaptive schedule, or at
+    `[warmup] skip_distill_ratio` when that is > 0 (e.g. distillation before on-policy RL, as a control); None when it
+    skips nothing (r = 0)."""
     from lowres_reft.rl.builders import build_skip_schedule
 
     count = LayerStack(model).count
@@ -271,7 +276,7 @@ def distill_schedule(recipe, model):
     if ratio > 0:  # random sets of that ratio (config refuses it with a fixed schedule)
         behavior = dataclasses.replace(recipe.behavior, skip_ratio=ratio, schedule="random")
         recipe = dataclasses.replace(recipe, behavior=behavior)
-    schedule = build_skip_schedule(count, recipe, recipe.train.seed + 31_337)
+    schedule = build_skip_schedule(count, recipe, recipe.train.seed + 31_337, ranking)
     if recipe.behavior.schedule == "adaptive":
         schedule.set_ratio(recipe.behavior.max_ratio)
     if schedule.schedule != "fixed" and num_skipped(count, schedule.skip_ratio) == 0:

@@ -20,7 +20,15 @@ from lowres_reft.model.loader import check_model_name, eos_token_ids, load_polic
 from lowres_reft.model.logprobs import check_head_logits
 from lowres_reft.model.nested import adapt_skip_ratio
 from lowres_reft.rl.batch import collect_or_explain, global_totals, prompt_indices
-from lowres_reft.rl.builders import build_engine, build_lr_scheduler, build_optimizer, build_skip_schedule, trainable
+from lowres_reft.rl.builders import (
+    build_engine,
+    build_lr_scheduler,
+    build_optimizer,
+    build_skip_schedule,
+    layer_ranking,
+    ranking_texts,
+    trainable,
+)
 from lowres_reft.rl.distributed import adapter_fingerprint, all_max, barrier, gather_objects, init_distributed
 from lowres_reft.rl.update import apply_updates
 from lowres_reft.rollout.engine import check_generation_length
@@ -75,7 +83,12 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
         + (f", {ctx.world} processes" if ctx.enabled else ""))
     train_prompts = encode_prompts(policy.tokenizer, train_problems, recipe)
     eos_ids = eos_token_ids(policy)
-    schedule = build_skip_schedule(policy.num_layers, recipe, cfg.seed + 7919 * ctx.rank)
+    ranked = layer_ranking(policy, recipe, ranking_texts(policy.tokenizer, train_problems, recipe))
+    ranking = ranked[0] if ranked else None
+    if ranked:
+        say(f"block influence per layer (base model): {' '.join(f'{x:.3f}' for x in ranked[1])}; "
+            f"skippable layers, least influential first: {ranking}")
+    schedule = build_skip_schedule(policy.num_layers, recipe, cfg.seed + 7919 * ctx.rank, ranking)
     adaptive = beh.schedule == "adaptive"
     optimizer = build_optimizer(policy, recipe, say)
     scheduler = build_lr_scheduler(optimizer, recipe, cfg.steps * recipe.loss.updates_per_batch)
@@ -125,7 +138,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
         if recipe.warmup.steps > 0 or recipe.warmup.skip_distill_steps > 0:
             from lowres_reft.rl.warmup import run_warmup
 
-            run_warmup(policy, recipe, train_problems, metrics, say)
+            run_warmup(policy, recipe, train_problems, metrics, say, ranking)
             evaluator(0, "after_warmup", say)
     progress = Progress(cfg.steps, state["step"], recipe.log.progress if ctx.is_main else "none")
     engine = build_engine(policy, recipe, generator, eos_ids, on_micro_batch=progress.within("rollout"))
