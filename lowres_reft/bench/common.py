@@ -20,24 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from lowres_reft.bench.roofline import peak_bandwidth
+from lowres_reft.model.shapes import MODEL_SHAPES
 from lowres_reft.utils.errors import UsageError
 from lowres_reft.utils.machine import cpu_name
 
 SCHEMA_VERSION = 1
-
-# Qwen2.5 shapes (attention has q/k/v biases, RMSNorm eps 1e-6, rope theta 1e6), and a tiny one for CPU/CI.
-MODEL_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_hidden_layers=6, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                 num_key_value_heads=1, vocab_size=1024, tie_word_embeddings=True),
-    "qwen2.5-0.5b": dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(num_hidden_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-3b": dict(num_hidden_layers=36, hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,22 +53,17 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def infer_shape(model_name: str) -> str | None:
-    """The built-in shape matching a hub name like "Qwen/Qwen2.5-1.5B-Instruct", or None."""
-    import re
-
-    match = re.search(r"qwen2\.5-(0\.5|1\.5|3|7)b", model_name.lower())
-    return f"qwen2.5-{match.group(1)}b" if match else None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Random-weight models
 
 
-def shape_config(shape: str):
+def shape_config(shape: str, layers: int | None = None):
+    """The Qwen2 config of a built-in shape (`layers` decoder layers instead of the shape's, when given)."""
     from transformers import Qwen2Config
 
     values = dict(MODEL_SHAPES[shape])
+    if layers is not None:
+        values["num_hidden_layers"] = layers
     big = shape != "tiny"
     return Qwen2Config(
         **values,
@@ -95,7 +77,7 @@ def shape_config(shape: str):
     )
 
 
-def build_random_model(shape: str, target: Path, device, seed: int = 0) -> Path:
+def build_random_model(shape: str, target: Path, device, seed: int = 0, layers: int | None = None) -> Path:
     """Save a random-weights model of `shape` (bf16, initialized on `device`) + the builtin tokenizer to `target`."""
     import gc
     import os
@@ -112,7 +94,7 @@ def build_random_model(shape: str, target: Path, device, seed: int = 0) -> Path:
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
     with torch.device(device):  # parameters are created (and initialized) there, in bf16: no fp32 host copy
-        model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(shape_config(shape, layers), dtype=torch.bfloat16)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     build_tokenizer().save_pretrained(tmp)
@@ -126,9 +108,10 @@ def build_random_model(shape: str, target: Path, device, seed: int = 0) -> Path:
 class ModelDir:
     """The directory to load: a random-weights build (temp dir unless --cache-dir) or the given name/path."""
 
-    def __init__(self, shape: str | None, name: str | None, cache_dir: str | None, device, seed: int) -> None:
+    def __init__(self, shape: str | None, name: str | None, cache_dir: str | None, device, seed: int,
+                 layers: int | None = None) -> None:
         self.shape, self.name, self.cache_dir, self.device, self.seed = shape, name, cache_dir, device, seed
-        self._tmp = None
+        self.layers, self._tmp = layers, None
 
     def __enter__(self) -> str:
         import tempfile
@@ -141,7 +124,9 @@ class ModelDir:
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="lowres-reft-bench-")
             root = Path(self._tmp.name)
-        return str(build_random_model(self.shape, root / f"random-{self.shape}-seed{self.seed}", self.device, self.seed))
+        layers = "" if self.layers is None else f"-L{self.layers}"
+        return str(build_random_model(self.shape, root / f"random-{self.shape}{layers}-seed{self.seed}", self.device,
+                                      self.seed, self.layers))
 
     def __exit__(self, *exc) -> None:
         if self._tmp is not None:

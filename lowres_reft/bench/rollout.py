@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowres_reft.bench.common import (
-    MODEL_SHAPES,
     ModelDir,
     check_positive,
     check_warmup,
@@ -53,6 +52,7 @@ from lowres_reft.bench.roofline import (
     peak_bandwidth,
     split_layer_time,
 )
+from lowres_reft.model.shapes import MODEL_SHAPES
 from lowres_reft.utils.errors import UsageError
 
 # (kind: ours/generate/calibration, skip ratio, skipped layers, engine, weights mode)

@@ -18,14 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowres_reft.bench.common import (
-    MODEL_SHAPES,
     ModelDir,
     allocated,
     check_positive,
     check_warmup,
     fmt,
     fmt_bytes,
-    infer_shape,
     make_report,
     max_or_none,
     max_rss_bytes,
@@ -37,6 +35,7 @@ from lowres_reft.bench.common import (
     write_json,
 )
 from lowres_reft.bench.roofline import model_bytes
+from lowres_reft.model.shapes import MODEL_SHAPES, infer_shape
 from lowres_reft.utils.errors import UsageError
 
 
@@ -114,7 +113,7 @@ def _resolve_shape(args: argparse.Namespace, recipe) -> str | None:
     shape = args.model_config
     if shape is None and args.random_weights and recipe.model.name != TINY_NAME:
         shape = infer_shape(recipe.model.name)
-        if shape is None:
+        if shape not in MODEL_SHAPES:  # random-weight models are built for the Qwen2.5 shapes only
             raise UsageError(f"bench step: no built-in shape for model {recipe.model.name!r}; give --model-config "
                              f"({', '.join(MODEL_SHAPES)})")
     if shape is not None and not args.random_weights:
@@ -130,6 +129,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
     from lowres_reft.config import load_recipe
     from lowres_reft.model.loader import load_policy, resolve_device
     from lowres_reft.rl.builders import build_lr_scheduler, build_optimizer, build_skip_schedule, layer_ranking
+    from lowres_reft.run.plan import fit_memory
 
     recipe = load_recipe(args.recipe, args.overrides)
     shape = _resolve_shape(args, recipe)
@@ -140,6 +140,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
             recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name=name))
         policy = load_policy(recipe.model, recipe.lora, cache_dir=args.cache_dir or scratch,
                              gradient_checkpointing=recipe.train.gradient_checkpointing, seed=recipe.train.seed)
+    recipe, _ = fit_memory(recipe, policy, [[0] * args.prompt_len], log=lambda *a: None)  # "auto" micro-batches
     allocated_after_load = allocated(device)
     ranking = None
     if recipe.behavior.skip_layers == "influence":  # measured on random text, as the bench has no data

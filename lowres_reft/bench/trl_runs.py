@@ -71,9 +71,11 @@ def prepare_base(recipe, seed: int, target: Path, log=print) -> Path:
     from lowres_reft.rl.warmup import run_warmup
     from lowres_reft.run.export import merge_dequantized
     from lowres_reft.run.metrics import NullLog
+    from lowres_reft.run.plan import fit_memory
 
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed))
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, seed=seed)
+    recipe, _ = fit_memory(recipe, policy, [], log)  # "auto" micro-batches
     if recipe.warmup.steps > 0 or recipe.warmup.skip_distill_steps > 0:
         torch.manual_seed(seed)
         run_warmup(policy, recipe, load_problems(recipe.data, "train"), NullLog(), log)

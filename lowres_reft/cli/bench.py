@@ -1,11 +1,11 @@
-"""`lowres-reft bench rollout|step|trl`: throughput and memory of nested rollouts, of a full training step, and a
-side-by-side run against TRL's GRPOTrainer (the `bench` package)."""
+"""`lowres-reft bench rollout|step|trl|memory`: throughput and memory of nested rollouts, of a full training step, a
+side-by-side run against TRL's GRPOTrainer, and the memory plan against measurement (the `bench` package)."""
 
 from __future__ import annotations
 
 import argparse
 
-from lowres_reft.bench import rollout, step, trl_side
+from lowres_reft.bench import memory, rollout, step, trl_side
 from lowres_reft.bench.common import set_threads
 
 
@@ -15,6 +15,7 @@ def add_parser(subparsers) -> None:
     rollout.add_arguments(sub.add_parser("rollout", help="tokens/s of nested rollouts per skip ratio vs model.generate"))
     step.add_arguments(sub.add_parser("step", help="time and peak memory of full training steps, by phase"))
     trl_side.add_arguments(sub.add_parser("trl", help="side by side with TRL's GRPOTrainer on identical settings (CPU)"))
+    memory.add_arguments(sub.add_parser("memory", help="the memory plan beside the measured peak of each phase"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,4 +24,6 @@ def run(args: argparse.Namespace) -> int:
         return rollout.run_rollout(args)
     if args.bench_command == "trl":
         return trl_side.run_trl_side(args)
+    if args.bench_command == "memory":
+        return memory.run_memory(args)
     return step.run_step(args)

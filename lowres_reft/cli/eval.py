@@ -152,10 +152,11 @@ def _data_config(args: argparse.Namespace, recipe):
     base = recipe.data if recipe is not None else DataConfig(name=DEFAULT_DATA, path=None, max_eval_samples=None)
     changes: dict[str, Any] = {"max_eval_samples": args.n}
     if args.data is not None and (recipe is None or args.data != recipe.data.name):
-        # another data set: the recipe's path and field names belong to its own data set
-        changes.update(name=args.data, path=None, question_field=None, answer_field=None, solution_field=None)
-    if args.data_path is not None:
-        changes["path"] = args.data_path
+        # another data set: the recipe's paths and field names belong to its own data set
+        changes.update(name=args.data, path=None, eval_path=None, question_field=None, answer_field=None,
+                       solution_field=None)
+    if args.data_path is not None:  # what to evaluate: a file is the eval split itself
+        changes["eval_path"] = args.data_path
     if args.split is not None:
         changes["eval_split"] = args.split
     elif args.data is not None and recipe is not None and args.data != recipe.data.name:
@@ -165,6 +166,9 @@ def _data_config(args: argparse.Namespace, recipe):
     if args.chat_template is not None:
         changes["use_chat_template"] = args.chat_template
     cfg = dataclasses.replace(base, **changes)
+    if cfg.name.strip() in BUILTIN_DATASETS and args.split is not None and args.split != "test":
+        raise UsageError(f"--split {args.split}: the builtin data set {cfg.name} has one held-out split, test "
+                         "(leave --split out)")
     if cfg.name.strip() in BUILTIN_DATASETS and args.n is not None:
         cfg = dataclasses.replace(cfg, builtin_test_size=max(args.n, cfg.builtin_test_size))
     return cfg
@@ -260,7 +264,10 @@ def run(args: argparse.Namespace) -> int:
     from lowres_reft.rollout.engine import check_generation_length, make_engine
     from lowres_reft.run.evaluation import CONFIDENCE, sample_completions, score_completions
 
-    problems = load_problems(data_cfg, "eval")
+    try:
+        problems = load_problems(data_cfg, "eval")
+    except UsageError as err:
+        raise UsageError(_in_flags(str(err), args)) from None
     model_cfg = model_config(target, args)
     if target.kind == "checkpoint":  # the recipe's base + the checkpoint's adapter, exactly as during training
         policy = load_policy(model_cfg, target.recipe.lora, target.cache_dir, adapter_dir=target.checkpoint / "adapter")
@@ -324,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
             "target": args.target, "kind": target.kind, "model": model_cfg.name,
             "checkpoint": str(target.checkpoint.resolve()) if target.checkpoint else None,
             "load_in_4bit": model_cfg.load_in_4bit, "lora": target.kind == "checkpoint",
-            "data": data_cfg.name, "data_path": data_cfg.path, "split": split_label, "n": n,
+            "data": data_cfg.name, "data_path": data_cfg.eval_path or data_cfg.path, "split": split_label, "n": n,
             "greedy": settings.greedy, "k": settings.k, "samples": settings.samples,
             "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
             "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
@@ -336,3 +343,15 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(summary), flush=True)
     return 0
+
+
+# The [data] keys this command sets from its flags: an error about one of them names the flag the user typed.
+_FLAGS = (("[data] eval_path", "--data-path", "data_path"), ("[data] eval_split", "--split", "split"),
+          ("[data] name", "--data", "data"))
+
+
+def _in_flags(message: str, args: argparse.Namespace) -> str:
+    for key, flag, attr in _FLAGS:
+        if getattr(args, attr) is not None:
+            message = message.replace(key, flag)
+    return message

@@ -24,6 +24,7 @@ COMMANDS = {
     "compare": "lowres_reft.cli.compare",
     "build-base": "lowres_reft.cli.build_base",
     "layers": "lowres_reft.cli.layers",
+    "plan": "lowres_reft.cli.plan",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,14 +149,20 @@ def _validate_recipe(recipe: Recipe) -> None:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a TOML recipe, apply `section.key=value` overrides, validate. Raises ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory, not a recipe file (give a .toml file, e.g. recipes/tiny-cpu.toml)")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path}: not a regular file (a pipe or a device); give a .toml recipe file")
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found (try recipes/tiny-cpu.toml)")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark some editors write: ignored
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: TOML syntax error: {err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if not data:
+        print(f"note: {path} sets no keys: every default applies (lowres-reft check {path} lists them)", file=sys.stderr)
     for text in overrides:
         section, key, value = _parse_override(text)
         data.setdefault(section, {})

@@ -15,6 +15,8 @@ from typing import Any, Literal
 MAX_LR = 1.0
 MIN_TEMPERATURE = 1e-3
 MAX_SEED = 2**63
+# A run directory's name: file systems allow 255 bytes, and the run adds suffixes to it (".tmp-<pid>" and the like).
+MAX_NAME_BYTES = 200
 
 DEFAULT_SYSTEM_PROMPT = "Solve the math problem. Reason step by step, then give the final answer as \\boxed{ANSWER}."
 
@@ -113,8 +115,12 @@ class LoraConfig:
 class DataConfig:
     # "builtin:arithmetic", "builtin:reasoning" (generated locally), "gsm8k", "svamp", "math12k", "math500", "jsonl", "parquet", "csv".
     name: str = "gsm8k"
-    # Local file or directory; when set it is loaded instead of the hub dataset.
+    # Local file or directory; when set it is loaded instead of the hub dataset. A directory holds one file per split
+    # (train.jsonl, test.jsonl, ...); a single file is the train split only, and then `eval_path` must name the eval one
+    # (one file as both would measure accuracy on training problems).
     path: str | None = None
+    # Local file or directory for the eval split (default: the eval split of `path` or of the hub dataset).
+    eval_path: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
     question_field: str | None = None
@@ -137,6 +143,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _require(self.path is None or self.path.strip() != "", "path", 'must not be empty (omit it to use the named dataset; "." for the current directory)')
+        _require(self.eval_path is None or self.eval_path.strip() != "", "eval_path", "must not be empty (omit it)")
         for key in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             _require(value is None or value >= 1, key, "must be >= 1 (or omitted for all)")
@@ -217,8 +224,9 @@ class RolloutConfig:
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
-    # Sequences generated at once (0 = the whole step's prompts_per_step * group_size).
-    micro_batch: int = 0
+    # Sequences generated at once (0 = the whole step's prompts_per_step * group_size; "auto" = the most that the
+    # memory plan fits into the GPU, the whole batch on a CPU; `lowres-reft plan`).
+    micro_batch: int | Literal["auto"] = 0
     # The sampling engine (lowres_reft.rollout.engine.ENGINES), used for rollouts and evaluation: "loop" = the plain
     # decode loop with a dynamic KV cache (the reference); "static" = preallocated KV cache and buffers, one CUDA
     # graph replayed per token on CUDA (eager elsewhere); "static_eager" = "static" without CUDA graphs.
@@ -233,7 +241,7 @@ class RolloutConfig:
         _require(self.temperature >= MIN_TEMPERATURE, "temperature",
                  f"must be >= {MIN_TEMPERATURE:g} (training samples; greedy is for eval; below that logits / T overflow)")
         _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        _require(self.micro_batch >= 0, "micro_batch", "must be >= 0")
+        _require(self.micro_batch == "auto" or self.micro_batch >= 0, "micro_batch", 'must be >= 0 or "auto"')
         from lowres_reft.model.rollout_weights import WEIGHT_MODES
         from lowres_reft.rollout.engine import ENGINES
 
@@ -285,8 +293,8 @@ class TrainConfig:
     # "adamw": torch AdamW; "paged_adamw_8bit": bitsandbytes PagedAdamW8bit (CUDA only, falls back to adamw).
     optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
     weight_decay: float = 0.0
-    # Sequences per forward/backward pass.
-    micro_batch_size: int = 8
+    # Sequences per forward/backward pass ("auto" = the most that the memory plan fits into the GPU, 8 on a CPU).
+    micro_batch_size: int | Literal["auto"] = 8
     # Forward each distinct prompt of a micro-batch once, shared by its completions (same log-probs, fewer FLOPs;
     # models with sliding-window attention use the plain per-row forward).
     shared_prompt_forward: bool = True
@@ -301,7 +309,7 @@ class TrainConfig:
         _require(0.0 < self.lr <= MAX_LR, "lr", f"must be in (0, {MAX_LR:g}]")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.weight_decay >= 0.0, "weight_decay", "must be >= 0")
-        _require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _require(self.micro_batch_size == "auto" or self.micro_batch_size >= 1, "micro_batch_size", 'must be >= 1 or "auto"')
         _require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         _require(self.max_grad_norm > 0.0, "max_grad_norm", "must be > 0")
         _require(0 <= self.seed < MAX_SEED, "seed", "must be in [0, 2^63)")
@@ -349,7 +357,12 @@ class LogConfig:
     project: str = "lowres-reft"
 
     def validate(self) -> None:
-        _require("/" not in self.run_name and self.run_name not in (".", ".."), "run_name", "must be a plain name, not a path")
+        _require("/" not in self.run_name and "\\" not in self.run_name and self.run_name not in (".", ".."), "run_name",
+                 "must be a plain name, not a path")
+        _require(not any(ord(ch) < 32 or ord(ch) == 127 for ch in self.run_name), "run_name",
+                 "must not contain control characters")
+        _require(len(self.run_name.encode("utf-8")) <= MAX_NAME_BYTES, "run_name",
+                 f"is {len(self.run_name.encode('utf-8'))} bytes long; use at most {MAX_NAME_BYTES} (a directory name)")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ def type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
-        return f"a list of {type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", bool: "booleans (true/false)", str: "strings"}.get(item)
+        return f"a list of {plural}" if plural else f"a list, each item {type_name(item)}"
     if origin is dict:
         return "a table, e.g. { key = 1 }"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))

@@ -26,8 +26,9 @@
 For the hub data sets, ``[data] path`` loads a local copy in the same schema instead of the hub: a
 .jsonl/.json/.parquet/.csv file, a directory written by ``save_to_disk``, or a directory of data files in the
 hub layout (``train.jsonl``, ``data/train-00000-of-00001.parquet``, ``main/test-*.parquet``, ...). The
-``*_field`` keys override the built-in field names. A single local file serves every split (use a directory
-with one file per split to keep train and eval apart).
+``*_field`` keys override the built-in field names. A single local file is the train split only: the eval split
+then comes from ``[data] eval_path`` (one file as both would measure accuracy on training problems); a directory
+holds one file per split.
 
 The chosen split (``train_split`` for "train", ``eval_split`` for "eval") is shuffled with ``shuffle_seed``
 and truncated to ``max_train_samples`` / ``max_eval_samples``. Rows with an empty question or answer are

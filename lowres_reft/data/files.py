@@ -7,6 +7,7 @@ set's rows mean is described in `data.py`'s module docstring.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -189,13 +190,18 @@ def _first_line(err: BaseException) -> str:
 def _load_split(
     name: str, schema: _Schema, cfg: DataConfig, split_name: str, split_key: str
 ) -> tuple[datasets.Dataset, str]:
-    if cfg.path is not None:
-        if not cfg.path.strip():  # Path("") is the current directory: never what an empty setting means
-            raise UsageError('[data] path = "": empty; omit it to use the named dataset, or give a file or directory')
-        path = Path(cfg.path).expanduser()
+    key, local = ("eval_path", cfg.eval_path) if split_key == "eval_split" and cfg.eval_path is not None else ("path", cfg.path)
+    if local is not None:
+        if not local.strip():  # Path("") is the current directory: never what an empty setting means
+            raise UsageError(f'[data] {key} = "": empty; omit it to use the named dataset, or give a file or directory')
+        path = Path(local).expanduser()
         if not path.exists():
-            raise UsageError(f"[data] path = {cfg.path!r}: no such file or directory")
+            raise UsageError(f"[data] {key} = {local!r}: no such file or directory")
         if path.is_file():
+            if key == "path" and split_key == "eval_split":
+                raise UsageError(f"[data] path = {local!r} is one file, which would be the train and the eval split alike "
+                                 "(accuracy measured on training problems): set [data] eval_path to the eval file, or "
+                                 "make path a directory with one file per split (train.jsonl, test.jsonl)")
             return _load_file(path, schema, [path]), str(path)
         return _load_directory(path, schema, split_name, split_key)
     if schema.hub_id is None:
@@ -287,6 +293,9 @@ def _load_file(path: Path, schema: _Schema, files: list[Path]) -> datasets.Datas
     empty = [f for f in files if f.stat().st_size == 0]
     if empty:  # datasets' json builder fails on an empty file with a bare StopIteration
         raise UsageError(f"[data] path: {empty[0]} is empty")
+    for file in files:  # what datasets would report in its own words (or log before failing): said here, in ours
+        _check_text_file(file, fmt)
+    datasets.utils.logging.set_verbosity_error()  # its warnings would leak to stderr before our one-line error
     try:
         return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
     except (datasets.exceptions.DatasetsError, ValueError, OSError, UnicodeDecodeError, StopIteration) as err:
@@ -295,6 +304,36 @@ def _load_file(path: Path, schema: _Schema, files: list[Path]) -> datasets.Datas
             raise UsageError(f"[data] path: {files[0]} has no rows") from None
         where = str(files[0]) if len(files) == 1 else f"{len(files)} files in {path}"
         raise UsageError(f"[data] path: cannot read {where} as {fmt} ({_first_line(cause)})") from None
+
+
+def _check_text_file(file: Path, fmt: str) -> None:
+    """A JSON-lines or CSV file with no rows, or a JSON line that does not parse: a one-line error naming the file and
+    the 1-based line (a .json document, an array or an object, is left to datasets)."""
+    if fmt not in ("json", "csv"):
+        return
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"[data] path: {file} is not a UTF-8 text file") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if len(lines) < (2 if fmt == "csv" else 1):  # a CSV's first line is its header
+        raise UsageError(f"[data] path: {file} has no rows")
+    if fmt == "csv" or lines[0][1].lstrip().startswith("["):
+        return
+    try:
+        json.loads(text)
+        return  # one JSON document (e.g. an object of columns)
+    except json.JSONDecodeError:
+        pass
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"[data] path: {file}, line {number}: not valid JSON ({err.msg}); every line must be one "
+                             "JSON object") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"[data] path: {file}, line {number}: a JSON {type(row).__name__}, not an object; every "
+                             "line must be one JSON object") from None
 
 
 def _split_of(file: Path) -> str:

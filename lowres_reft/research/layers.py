@@ -68,9 +68,11 @@ def measure_layers(recipe, texts: int = 64, prompts: int = 16, samples: int = 4,
     from lowres_reft.rl.warmup import build_sft_batch, run_warmup, skip_distill_kl
     from lowres_reft.rollout.engine import left_pad, make_engine
     from lowres_reft.run.metrics import NullLog
+    from lowres_reft.run.plan import fit_memory
 
     torch.manual_seed(recipe.train.seed)
     policy = load_policy(recipe.model, recipe.lora, recipe.log.output_dir, seed=recipe.train.seed)
+    recipe, _ = fit_memory(recipe, policy, [], log)  # "auto" micro-batches
     model, tok = policy.model, policy.tokenizer
     if after_warmup and recipe.warmup.steps > 0:
         import dataclasses

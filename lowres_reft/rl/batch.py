@@ -75,7 +75,9 @@ def collect(engine: Engine, tokenizer, recipe: Recipe, problems: list[Problem], 
     return ScoredBatch(rollout, rewards_t, advantages, scores.correct, scores.timeouts)
 
 
-def collect_or_explain(engine: Engine, tokenizer, recipe: Recipe, *args) -> ScoredBatch:
+def collect_or_explain(engine: Engine, tokenizer, recipe: Recipe, *args, memory_note: str = "") -> ScoredBatch:
+    """`collect`, with CUDA running out of memory turned into one line naming the keys to lower (and `memory_note`,
+    the memory plan's figure for the phase)."""
     try:
         return collect(engine, tokenizer, recipe, *args)
     except torch.cuda.OutOfMemoryError:
@@ -83,6 +85,7 @@ def collect_or_explain(engine: Engine, tokenizer, recipe: Recipe, *args) -> Scor
         raise UsageError(
             f"out of GPU memory while generating {r.prompts_per_step}x{r.group_size} rollouts of up to {r.max_new_tokens} "
             "tokens; lower [rollout] micro_batch (sequences generated at once), max_new_tokens or group_size"
+            + (f" ({memory_note})" if memory_note else "")
         ) from None
 
 

@@ -189,24 +189,34 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print, ranking: list[int] | None = None) -> None:
+@dataclass
+class WarmupStop:
+    """A warm-up stopped after `step` of its steps (Ctrl-C / SIGTERM): what resuming it needs."""
+
+    step: int
+    optimizer: dict  # the warm-up's AdamW state
+    teacher: list[Tensor] | None  # the distillation's teacher values, once the distillation began
+    distill: dict | None  # the distillation's skip-set schedule (its RNG)
+
+
+def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print, ranking: list[int] | None = None,
+               should_stop=None, resume: WarmupStop | None = None) -> WarmupStop | None:
     """Supervised fine-tuning of the adapters on the problems' reference solutions (see the module docstring).
 
     Writes one metrics record per step (`stage = "warmup"`). The model is in train mode during the warm-up and
-    left in the mode it was found in; gradients are cleared afterwards.
+    left in the mode it was found in; gradients are cleared afterwards. After each step, `should_stop()` (a signal
+    number, 0 = go on) may end it early: the `WarmupStop` returned is what `resume` takes to go on from there.
     """
     cfg = recipe.warmup
     if cfg.steps <= 0 and cfg.skip_distill_steps <= 0:
-        return
+        return None
     model, tokenizer = policy.model, policy.tokenizer
     prompts, completions = warmup_examples(tokenizer, problems, recipe)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("[warmup] the model has no trainable (adapter) parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=recipe.train.weight_decay)
-    micro = max(1, recipe.train.micro_batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    chunk = recipe.loss.logprob_chunk
     if ranking is None and recipe.behavior.skip_layers == "influence":
         from lowres_reft.rl.builders import layer_ranking, ranking_texts
 
@@ -215,53 +225,72 @@ def run_warmup(policy, recipe, problems: list[Problem], metrics, log=print, rank
     distill = cfg.skip_distill_steps if skips is not None else 0
     steps = cfg.steps + distill
     every = max(1, steps // 5)
-    log(f"warm-up: {cfg.steps} supervised steps on {len(prompts)} reference solutions "
-        f"(batch {cfg.batch_size}, lr {cfg.lr:g})" + (f", then {distill} steps of skip distillation" if distill else ""))
+    first, teacher = 0, None
+    if resume is not None:
+        first = resume.step
+        optimizer.load_state_dict(resume.optimizer)
+        teacher = None if resume.teacher is None else [t.to(p.device) for t, p in zip(resume.teacher, params)]
+        if skips is not None and resume.distill is not None:
+            skips.load_state_dict(resume.distill)
+        log(f"warm-up resumed after step {first} of {steps}")
+    else:
+        log(f"warm-up: {cfg.steps} supervised steps on {len(prompts)} reference solutions "
+            f"(batch {cfg.batch_size}, lr {cfg.lr:g})" + (f", then {distill} steps of skip distillation" if distill else ""))
     was_training = model.training
     model.train()
     start = time.perf_counter()
     try:
-        for k in range(steps):
-            t0 = time.perf_counter()
+        for k in range(first, steps):
             skip = list(skips.draw()) if k >= cfg.steps else None
             if k == cfg.steps:  # the teacher: the full model as the supervised steps left it
                 teacher = [p.detach().clone() for p in params]
-            idx = batch_indices(k, cfg.batch_size, len(prompts), recipe.train.seed)
-            rows = [fit_example(prompts[i], completions[i], cfg.max_tokens) for i in idx]
-            total = sum(len(c) for _, c in rows)
-            loss_sum, skipped = 0.0, False
-            for lo in range(0, len(rows), micro):
-                part = rows[lo : lo + micro]
-                batch = build_sft_batch([p for p, _ in part], [c for _, c in part], pad_id)
-                # Normalized by the whole batch's completion tokens: the sum over micro-batches is the token mean.
-                if skip is None:
-                    loss = -sft_token_logp(model, batch, chunk).sum() / max(1, total)
-                else:
-                    loss = skip_distill_kl(model, batch, skip, teacher=teacher) / max(1, total)
-                if not torch.isfinite(loss):
-                    skipped = True
-                    break
-                loss.backward()
-                loss_sum += float(loss.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)) if not skipped else math.nan
-            if not skipped and math.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                skipped = True
-            optimizer.zero_grad(set_to_none=True)
-            record = {"step": 0, "stage": "warmup", "warmup_step": k + 1, "loss": loss_sum if not skipped else math.nan,
-                      "skip_distill": skip,
-                      "lr": cfg.lr, "grad_norm": grad_norm, "tokens": total, "update_skipped": skipped,
-                      "step_seconds": time.perf_counter() - t0}
+            record = _warmup_step(model, recipe, params, optimizer, prompts, completions, pad_id, k, skip, teacher)
             metrics.write(record)
             if (k + 1) % every == 0 or k + 1 == steps:
                 what = "loss" if skip is None else f"distillation KL (skip {skip})"
                 log(f"warm-up step {k + 1}/{steps}: {what} {record['loss']:.3f} ({time.perf_counter() - start:.0f}s)")
+            if should_stop is not None and should_stop():
+                return WarmupStop(k + 1, optimizer.state_dict(), teacher, skips.state_dict() if skips else None)
     finally:
         optimizer.zero_grad(set_to_none=True)
         for p in params:
             p.grad = None
         model.train(was_training)
+    return None
+
+
+def _warmup_step(model, recipe, params, optimizer, prompts, completions, pad_id: int, k: int, skip: list[int] | None,
+                 teacher: list[Tensor] | None) -> dict:
+    """Warm-up step `k` (0-based): supervised cross-entropy (`skip` None) or skip distillation, micro-batch by
+    micro-batch, then the update unless the loss or the gradient is not finite. Returns its metrics record."""
+    cfg, t0 = recipe.warmup, time.perf_counter()
+    idx = batch_indices(k, cfg.batch_size, len(prompts), recipe.train.seed)
+    rows = [fit_example(prompts[i], completions[i], cfg.max_tokens) for i in idx]
+    total = sum(len(c) for _, c in rows)
+    loss_sum, skipped = 0.0, False
+    micro = max(1, recipe.train.micro_batch_size)
+    for lo in range(0, len(rows), micro):
+        part = rows[lo : lo + micro]
+        batch = build_sft_batch([p for p, _ in part], [c for _, c in part], pad_id)
+        # Normalized by the whole batch's completion tokens: the sum over micro-batches is the token mean.
+        if skip is None:
+            loss = -sft_token_logp(model, batch, recipe.loss.logprob_chunk).sum() / max(1, total)
+        else:
+            loss = skip_distill_kl(model, batch, skip, teacher=teacher) / max(1, total)
+        if not torch.isfinite(loss):
+            skipped = True
+            break
+        loss.backward()
+        loss_sum += float(loss.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.train.max_grad_norm)) if not skipped else math.nan
+    if not skipped and math.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        skipped = True
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": 0, "stage": "warmup", "warmup_step": k + 1, "loss": loss_sum if not skipped else math.nan,
+            "skip_distill": skip, "lr": cfg.lr, "grad_norm": grad_norm, "tokens": total, "update_skipped": skipped,
+            "step_seconds": time.perf_counter() - t0}
 
 
 def distill_schedule(recipe, model, ranking: list[int] | None = None):

@@ -55,6 +55,7 @@ def save_checkpoint(
     try:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        sort_target_modules(tmp / "adapter" / "adapter_config.json")
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_state, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
@@ -129,6 +130,21 @@ def latest_good_checkpoint(run_dir: Path, warn=print) -> Path | None:
             return candidate
         warn(f"warning: skipping {candidate}: {problem}")
     return None
+
+
+def sort_target_modules(config_path: Path) -> None:
+    """peft writes `target_modules` from a set, in a different order on each run: sort it, so the same adapter has
+    the same bytes (and checksums) every time it is saved."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def finished(ckpt: Path, steps: int) -> bool:
+    """Whether checkpoint `ckpt` (verified) ends a run of `steps` steps: saved after the final evaluation."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return state.get("step", 0) >= steps and any(h.get("label") == "final" for h in state.get("eval_history", []))
 
 
 def load_trainer_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:

@@ -31,13 +31,21 @@ from lowres_reft.rl.builders import (
 )
 from lowres_reft.rl.distributed import adapter_fingerprint, all_max, barrier, gather_objects, init_distributed
 from lowres_reft.rl.update import apply_updates
+from lowres_reft.rl.warmup import WarmupStop
 from lowres_reft.rollout.engine import check_generation_length
-from lowres_reft.run.checkpoint import check_resume, latest_good_checkpoint, load_trainer_files, save_checkpoint
+from lowres_reft.run.checkpoint import (
+    check_resume,
+    finished,
+    latest_good_checkpoint,
+    load_trainer_files,
+    save_checkpoint,
+)
 from lowres_reft.run.evaluation import Evaluator
 from lowres_reft.run.metrics import MetricsLog, MetricsWriteError, NullLog, Progress, merge_records
+from lowres_reft.run.plan import fit_memory
 from lowres_reft.run.records import step_record, summary
 from lowres_reft.run.rundir import RunLock, check_run_dir, check_unchanged
-from lowres_reft.run.stop import WRITE_FAILED, StopFlag, stop_with_checkpoint
+from lowres_reft.run.stop import WRITE_FAILED, RunStopped, StopFlag, stop_with_checkpoint
 from lowres_reft.run.tracking import check_trackers, open_trackers
 from lowres_reft.utils.errors import UsageError
 
@@ -65,6 +73,10 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
         say(f"no checkpoint in {run_dir} to resume from; starting from step 0")
     if ckpt is not None:
         check_resume(recipe, ckpt, ctx.world)
+        if finished(ckpt, recipe.train.steps):  # nothing to do: write nothing, change nothing
+            say(f"{run_dir} already finished its {recipe.train.steps} steps ({ckpt.name}); nothing to do "
+                "(raise [train] steps to train it further)")
+            return run_dir
     cfg, beh = recipe.train, recipe.behavior
     if recipe.rollout.prompts_per_step % ctx.world:
         raise UsageError(f"[rollout] prompts_per_step = {recipe.rollout.prompts_per_step} must be a multiple of the {ctx.world} processes")
@@ -82,6 +94,8 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
         f"({100 * policy.trainable_params / policy.total_params:.2f}%), {policy.num_layers} layers, device {policy.device}"
         + (f", {ctx.world} processes" if ctx.enabled else ""))
     train_prompts = encode_prompts(policy.tokenizer, train_problems, recipe)
+    recipe, memory_note = fit_memory(recipe, policy, train_prompts, say)  # "auto" micro-batches; refuse what cannot fit
+    cfg = recipe.train
     eos_ids = eos_token_ids(policy)
     ranked = layer_ranking(policy, recipe, ranking_texts(policy.tokenizer, train_problems, recipe))
     ranking = ranked[0] if ranked else None
@@ -94,8 +108,13 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
     scheduler = build_lr_scheduler(optimizer, recipe, cfg.steps * recipe.loss.updates_per_batch)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + 7919 * ctx.rank)
     state = {"step": 0, "skipped_updates": 0, "eval_history": []}
+    warmup_resume = None
     if ckpt is not None:
         opt_state, rng, state = load_trainer_files(ckpt)
+        if "warmup" in state:  # stopped during the warm-up: go on from its step
+            saved = opt_state.get("warmup", {})
+            warmup_resume = WarmupStop(state["warmup"]["step"], saved.get("optimizer"), saved.get("teacher"),
+                                       state["warmup"].get("distill"))
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
         schedule.load_state_dict(state["skip_schedule"][ctx.rank])
@@ -121,28 +140,27 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
     evaluator = Evaluator(policy, recipe, eval_problems, encode_prompts(policy.tokenizer, eval_problems, recipe), eos_ids,
                           run_dir, state["eval_history"], metrics, ctx)
 
-    def checkpoint(step: int) -> Path | None:
+    def checkpoint(step: int, warmup: WarmupStop | None = None) -> Path | None:
         state["skip_schedule"] = gather_objects(schedule.state_dict(), ctx)
         generators = gather_objects(generator.get_state(), ctx)
         path = None
         if ctx.is_main:
             rng = {"torch": torch.get_rng_state(), **{f"generator_{r}": g for r, g in enumerate(generators)}}
-            path = save_checkpoint(run_dir, step, policy.model, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                                   rng, state, recipe_to_toml(recipe), keep_last=recipe.checkpoint.keep_last)
+            tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            if warmup is not None:  # a warm-up stopped part-way: its optimizer and teacher, to go on from there
+                tensors["warmup"] = {"optimizer": warmup.optimizer, "teacher": warmup.teacher}
+            path = save_checkpoint(run_dir, step, policy.model, tensors, rng, state, recipe_to_toml(recipe),
+                                   keep_last=recipe.checkpoint.keep_last)
         barrier(ctx)
         return path
 
+    stop = StopFlag()
+    cleanup.callback(stop.restore)  # the signal handlers go back however the run ends
     if state["step"] == 0:
-        if recipe.eval.before_training:
-            evaluator(0, "before_training", say)
-        if recipe.warmup.steps > 0 or recipe.warmup.skip_distill_steps > 0:
-            from lowres_reft.rl.warmup import run_warmup
-
-            run_warmup(policy, recipe, train_problems, metrics, say, ranking)
-            evaluator(0, "after_warmup", say)
+        warm_up(policy, recipe, train_problems, metrics, evaluator, state, warmup_resume, ranking, checkpoint,
+                lambda: int(all_max(float(stop.requested), ctx)), say)
     progress = Progress(cfg.steps, state["step"], recipe.log.progress if ctx.is_main else "none")
     engine = build_engine(policy, recipe, generator, eos_ids, on_micro_batch=progress.within("rollout"))
-    stop = StopFlag()
     step = state["step"]
     try:
         for step in range(state["step"] + 1, cfg.steps + 1):
@@ -153,7 +171,7 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
             batches = [
                 collect_or_explain(engine, policy.tokenizer, recipe, train_problems, train_prompts,
                                    prompt_indices(step, a, recipe, len(train_prompts))[ctx.rank :: ctx.world],
-                                   [schedule.draw() for _ in range(recipe.behavior.sets_per_batch)])
+                                   [schedule.draw() for _ in range(recipe.behavior.sets_per_batch)], memory_note=memory_note)
                 for a in range(cfg.grad_accum)
             ]
             totals = [global_totals(b, recipe, ctx) for b in batches]
@@ -184,7 +202,6 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
             if halt:
                 stop_with_checkpoint(checkpoint, step, halt, write_error, progress, say)
     finally:
-        stop.restore()
         progress.close()
     evaluator(step, "final", say)
     path = checkpoint(step)
@@ -196,3 +213,22 @@ def _train(recipe: Recipe, resume: bool, log, cleanup: contextlib.ExitStack) -> 
     return run_dir
 
 
+def warm_up(policy, recipe: Recipe, problems, metrics, evaluator, state: dict, resume: WarmupStop | None, ranking,
+            checkpoint, should_stop, say) -> None:
+    """The stage before RL (step 0): evaluation before training, the supervised warm-up and skip distillation, the
+    evaluation after it. A first Ctrl-C / SIGTERM ends the warm-up after its current step with a checkpoint that
+    `--resume` continues from (`state["warmup"]` holds its step while the stage is unfinished)."""
+    from lowres_reft.rl.warmup import run_warmup
+
+    if resume is None and recipe.eval.before_training:
+        evaluator(0, "before_training", say)
+    if recipe.warmup.steps <= 0 and recipe.warmup.skip_distill_steps <= 0:
+        return
+    stopped = run_warmup(policy, recipe, problems, metrics, say, ranking, should_stop, resume)
+    if stopped is not None:
+        state["warmup"] = {"step": stopped.step, "distill": stopped.distill}
+        path = checkpoint(0, stopped)
+        say(f"stopped in the warm-up after its step {stopped.step}; checkpoint {path}; continue with --resume")
+        raise RunStopped(should_stop())
+    evaluator(0, "after_warmup", say)
+    state.pop("warmup", None)

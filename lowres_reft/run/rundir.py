@@ -112,12 +112,18 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
 def check_run_dir(recipe: Recipe, resume: bool) -> Path:
     """The run directory, checked (writable, not clobbering a run) without creating anything yet."""
     run_dir = Path(recipe.log.output_dir) / recipe.run_name
-    check_not_locked(run_dir)  # a live run there: say so before anything else (and before loading the model)
-    existing = nearest_existing(run_dir)
-    if not writable_dir(existing):
-        raise UsageError(f"output directory {run_dir} is not writable ({existing} is not a writable directory); set [log] output_dir")
-    if not resume and list_checkpoints(run_dir):
-        raise UsageError(f"{run_dir} already holds checkpoints: add --resume to continue it, or set [log] run_name to start a new run")
+    try:
+        check_not_locked(run_dir)  # a live run there: say so before anything else (and before loading the model)
+        existing = nearest_existing(run_dir)
+        if not writable_dir(existing):
+            raise UsageError(f"output directory {run_dir} is not writable ({existing} is not a writable directory); "
+                             "set [log] output_dir")
+        if not resume and list_checkpoints(run_dir):
+            raise UsageError(f"{run_dir} already holds checkpoints: add --resume to continue it, or set [log] run_name "
+                             "to start a new run")
+    except OSError as err:  # a name the file system refuses (too long, ...): say which, not a traceback
+        raise UsageError(f"run directory {str(run_dir)[:80]}{'...' if len(str(run_dir)) > 80 else ''}: {err.strerror}; "
+                         "set [log] run_name (or [log] output_dir)") from None
     return run_dir
 
 

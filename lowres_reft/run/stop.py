@@ -32,6 +32,8 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            print(f"\n{signal.Signals(signum).name}: aborted; the last checkpoint is kept (continue with --resume)",
+                  flush=True)
             raise RunStopped(signum)
         self.requested = signum
         name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from lowres_reft.bench.common import infer_shape
 from lowres_reft.bench.roofline import (
     decode_weight_bytes,
     ideal_speedup,
@@ -19,6 +18,7 @@ from lowres_reft.bench.roofline import (
 )
 from lowres_reft.cli import main
 from lowres_reft.model.nested import num_skipped
+from lowres_reft.model.shapes import infer_shape
 
 TINY_ARGS = ["--model-config", "tiny", "--random-weights", "--threads", "1"]
 

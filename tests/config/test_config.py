@@ -36,7 +36,7 @@ def test_trust_remote_code_defaults_false():
     "data,message",
     [
         ({"lora": {"r": 0}}, "[lora] r must be >= 1"),
-        ({"lora": {"target_modules": "q_proj"}}, "must be a list of a string"),
+        ({"lora": {"target_modules": "q_proj"}}, "must be a list of strings or one of 'all-linear'"),
         ({"loss": {"is_cap": 0}}, "is_cap must be > 0"),
         ({"loss": {"aggregation": "mean"}}, "aggregation must be one of"),
         ({"train": {"lr": True}}, "lr must be a number"),

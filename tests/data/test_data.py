@@ -69,7 +69,7 @@ def test_gsm8k_local_file():
 
 
 def test_svamp_local_file():
-    probs = load_problems(cfg(name="svamp", path=str(FIXTURES / "svamp_style.jsonl")), "eval")
+    probs = load_problems(cfg(name="svamp", eval_path=str(FIXTURES / "svamp_style.jsonl")), "eval")
     by_answer = {p.answer: p for p in probs}
     assert set(by_answer) == {"8", "14", "24", "0.4"}
     assert by_answer["8"].question == "A shelf has 3.0 red cups and 5.0 blue cups. How many cups are on the shelf?"
@@ -208,7 +208,8 @@ def test_shuffle_is_deterministic_and_truncates(tmp_path):
     assert other != full and sorted(other, key=lambda p: int(p.answer)) == sorted(full, key=lambda p: int(p.answer))
     # Truncation keeps a prefix of the shuffled order.
     assert load_problems(dataclasses.replace(base, max_train_samples=7), "train") == full[:7]
-    assert load_problems(dataclasses.replace(base, max_eval_samples=5), "eval") == full[:5]
+    evals = dataclasses.replace(base, eval_path=base.path, max_eval_samples=5)  # one file is never both splits
+    assert load_problems(evals, "eval") == full[:5]
     assert len(load_problems(dataclasses.replace(base, max_train_samples=500), "train")) == 50
 
 

@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
+from arch_models import build, prompts
 from conftest import TINY_RUN_SETS, as_set_args, randomize_lora
 
 from lowres_reft.config import load_recipe
@@ -12,8 +13,6 @@ from lowres_reft.model.influence import block_influence, least_influential
 from lowres_reft.model.nested import SkipSchedule, num_skipped
 from lowres_reft.rl.builders import build_skip_schedule, layer_ranking, ranking_texts
 from lowres_reft.utils.errors import ConfigError
-
-from arch_models import build, prompts
 
 
 def _reference(model, ids, mask):
