@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
                      help="runs at a time, each in its own process with cpu_count // jobs threads (default 1)")
     cmp.add_argument("--eval-every", type=int, metavar="K",
                      help="evaluate every K steps for the accuracy curves (default: the recipe's eval.every; 0 = start/final)")
+    cmp.add_argument("--shared-start", action="store_true",
+                     help="every variant of a seed starts from one shared start (base + warm-up, merged), built once")
     cmp.add_argument("--trl", action="store_true",
                      help="add TRL's GRPOTrainer (needs the [bench] extra); all variants then start from one shared start")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

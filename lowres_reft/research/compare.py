@@ -9,8 +9,9 @@ subprocesses at a time, each limited to cpu_count // N threads, with its output 
 Every run evaluates every `--eval-every` steps (default: the recipe's `[eval] every`), and its accuracy curve
 against RL wall time and rollout tokens (`curves.py`; evaluation time not counted) gives the equal-time table
 and `compare-time.png`: does nested pay off at equal wall time? A run without warm-up evaluates before training,
-so each curve starts at its start accuracy. `--trl` adds TRL's `GRPOTrainer` (`bench/trl_curves.py`): then,
-per seed, every variant starts from the same shared start (the recipe's base + warm-up, merged), and TRL's runs
+so each curve starts at its start accuracy. `--shared-start`: per seed, every variant starts from the same shared
+start (the recipe's base + warm-up and skip distillation, merged, built once), so the warm-up is paid once and is the
+same for all. `--trl` adds TRL's `GRPOTrainer` (`research/trl_curves.py`), always from the shared start, and TRL's runs
 join ours in the same `--jobs` scheduling (subprocesses with the same thread count as ours).
 """
 
@@ -147,16 +148,19 @@ def run(args: argparse.Namespace) -> int:
     common = args.overrides + [f"eval.every={eval_every}", f"log.output_dir={out}", "log.progress=none"]
     if base.warmup.steps == 0:  # the curve's first point: the start's accuracy (after a warm-up, it is evaluated)
         common.append("eval.before_training=true")
-    prefix = "shared-" if args.trl else ""  # runs from the shared start are not those with their own warm-up
+    shared = args.trl or args.shared_start
+    prefix = "shared-" if shared else ""  # runs from the shared start are not those with their own warm-up
     runs = [(v, seed, f"{prefix}{v['name'].replace('=', '').replace(' ', '-')}-seed{seed}") for v in grid for seed in seeds]
     pending = [(v, seed, name) for v, seed, name in runs if not _finished(out / name)]
     starts = {}
-    if args.trl:  # the shared starts first: every run of the seed loads it
+    if shared:  # the shared starts first: every run of the seed loads it
+        from lowres_reft.research import trl_curves
+
         start_recipe = load_recipe(args.recipe, args.overrides + [f"log.output_dir={out}"])
         starts = {seed: trl_curves.shared_start(start_recipe, seed, out) for seed in seeds}
     settings = {name: common + v["sets"] + [f"train.seed={seed}", f"log.run_name={name}"]
-                + (trl_curves.start_overrides(out, seed) if args.trl else []) for v, seed, name in pending}
-    trl_pending = [seed for seed in starts if not trl_curves.finished(out, seed)]
+                + (trl_curves.start_overrides(out, seed) if shared else []) for v, seed, name in pending}
+    trl_pending = [seed for seed in starts if args.trl and not trl_curves.finished(out, seed)]
     if not _run_all(args, base, out, pending, settings, trl_pending, eval_every):
         return 1
     for seed in trl_pending:

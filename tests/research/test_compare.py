@@ -147,3 +147,25 @@ def test_compare_trl_curve_starts_where_ours_does(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0  # a second call reuses the start and both runs
     assert "==" not in capsys.readouterr().out
+
+
+def test_compare_shared_start_without_trl(tmp_path):
+    """--shared-start: every variant of a seed starts from one merged start (warm-up paid once), no TRL run."""
+    out = tmp_path / "cmp"
+    for split, n in (("train", 32), ("test", 8)):
+        rows = [{"question": f"Say {i % 5}.", "answer": "7", "solution": "7."} for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ['data.name="jsonl"', f'data.path="{tmp_path}"', 'data.solution_field="solution"', "data.max_eval_samples=8",
+            "eval.max_new_tokens=1", "warmup.steps=4", "warmup.batch_size=8"]
+    args = ["compare", str(ROOT / "recipes" / "tiny-cpu.toml"), "--skip-ratios", "0,0.25", "--corrections", "retrace",
+            "--seeds", "0", "--shared-start", "--eval-every", "1", "--out", str(out),
+            *as_set_args(SMALL + data + [f"log.output_dir={tmp_path}"])]
+    assert main(args) == 0
+    variants = json.loads((out / "compare.json").read_text())["variants"]
+    assert [v["name"] for v in variants] == ["r=0 none", "r=0.25 retrace"]
+    starts = {v["runs"][0]["curve"][0]["accuracy"] for v in variants}
+    assert len(starts) == 1  # the same start for both
+    assert (out / "start-seed0" / "config.json").is_file() and not (out / "trl-seed0").exists()
+    for name in ("shared-r0-none-seed0", "shared-r0.25-retrace-seed0"):
+        warmup = (out / name / "checkpoint-last" / "recipe.toml").read_text().split("[warmup]")[1].split("[")[0]
+        assert "\nsteps = 0" in warmup
