@@ -139,6 +139,8 @@ def _validate_recipe(recipe: Recipe) -> None:
                           'it needs [data] name = "reasoning_gym:<task>"')
     if recipe.lora.init_lora_weights == "orthogonal" and recipe.model.load_in_4bit:
         raise ConfigError(f'{src}: [lora] init_lora_weights = "orthogonal" needs a 16/32-bit base ([model] load_in_4bit = false)')
+    if recipe.loss.nested_kl_beta > 0 and recipe.behavior.sets_per_batch > 1:
+        raise ConfigError(f"{src}: [loss] nested_kl_beta needs [behavior] sets_per_batch = 1 (one skip set per batch)")
     if recipe.rollout.weights == "merged16" and recipe.lora.use_dora:
         raise ConfigError(f'{src}: [rollout] weights = "merged16" does not support DoRA ([lora] use_dora); use "shared4bit"')
     beh, layers = recipe.behavior, recipe.model.tiny_layers

@@ -261,6 +261,9 @@ class LossConfig:
     advantage_eps: float = 1e-4
     aggregation: str = "token_mean"  # token_mean, seq_mean or dr_grpo (lowres_reft.rl.loss.AGGREGATIONS)
     kl_beta: float = 0.0
+    # Skip distillation during RL: beta x KL(full model || nested model with the batch's skip set) per completion token
+    # of each rollout batch (the full model as it is, without gradient, is the teacher), added to the loss.
+    nested_kl_beta: float = 0.0
     # PPO clipping against the first update's log-probs (only matters with updates_per_batch > 1).
     clip_eps: float = 0.2
     clip_eps_high: float = 0.2
@@ -278,6 +281,7 @@ class LossConfig:
         _require(0.0 <= self.retrace_lambda <= 1.0, "retrace_lambda", "must be in [0, 1]")
         _require(self.advantage_eps >= 0.0, "advantage_eps", "must be >= 0")
         _require(self.kl_beta >= 0.0, "kl_beta", "must be >= 0")
+        _require(self.nested_kl_beta >= 0.0, "nested_kl_beta", "must be >= 0")
         _require(0.0 <= self.clip_eps < 1.0, "clip_eps", "must be in [0, 1)")
         _require(self.clip_eps_high >= 0.0, "clip_eps_high", "must be >= 0")
         _require(self.updates_per_batch >= 1, "updates_per_batch", "must be >= 1")

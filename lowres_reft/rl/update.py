@@ -19,6 +19,7 @@ from lowres_reft.rl.builders import trainable
 from lowres_reft.rl.distributed import Dist, all_max, sum_gradients
 from lowres_reft.rl.microbatch import by_length, by_prompt
 from lowres_reft.rl.shared_prompt import supports_shared_prompt, update_logp
+from lowres_reft.rl.warmup import SFTBatch, skip_distill_kl
 
 if TYPE_CHECKING:
     from lowres_reft.config import LossConfig, Recipe
@@ -49,7 +50,7 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
     all_logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)  # (N, T), original row order
     share_prompt = share_prompt and supports_shared_prompt(policy.model)  # else by length: the tighter trim
     micro_batches = (by_prompt if share_prompt else by_length)(r, micro)  # trimmed: real lengths, not the widest row
-    losses, kls, clipped, finite = 0.0, 0.0, 0.0, True
+    losses, kls, nested_kls, clipped, finite = 0.0, 0.0, 0.0, 0.0, True
     for done, mb in enumerate(micro_batches, 1):
         m = mb.completion_mask  # (b, t)
         logp = update_logp(policy.model, mb, temperature, cfg.logprob_chunk, share_prompt)  # (b, t)
@@ -65,6 +66,11 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
             micro_loss = micro_loss + cfg.kl_beta * kl
             kls += float(kl.detach())
             del kl
+        if cfg.nested_kl_beta > 0 and r.skip:  # skip distillation during RL, on this batch's own skip set
+            nested = skip_distill_kl(policy.model, rollout_sft_batch(mb), list(r.skip)) / totals["total_tokens"]
+            micro_loss = micro_loss + cfg.nested_kl_beta * nested
+            nested_kls += float(nested.detach())
+            del nested
         if not torch.isfinite(micro_loss):
             finite = False  # never backpropagate NaN/inf into the adapters; the step is skipped
         elif finite:
@@ -77,7 +83,17 @@ def accumulate_gradients(policy: Policy, batch: ScoredBatch, cfg: LossConfig, te
         # Without a backward the graph keeps its saved activations: drop it before the next micro-batch's forward.
         del logp, objective, micro_loss
     stats = L.correction_weights(all_logp, r.behavior_logp, mask, cfg.correction, cfg.is_cap, cfg.retrace_lambda).stats
-    return {"logp": all_logp, "loss": losses, "kl": kls, "clip_frac": clipped / totals["total_tokens"], "finite": finite, **stats}
+    return {"logp": all_logp, "loss": losses, "kl": kls, "nested_kl": nested_kls, "clip_frac": clipped / totals["total_tokens"],
+            "finite": finite, **stats}
+
+
+def rollout_sft_batch(mb) -> SFTBatch:
+    """A micro-batch's rows, prompt + completion, as the warm-up's `SFTBatch` whose loss mask covers the completion
+    tokens (left padding in the prompt: the position ids count real tokens only)."""
+    ids = torch.cat([mb.prompt_ids, mb.completion_ids], dim=1)
+    attention = torch.cat([mb.prompt_mask, mb.completion_mask.to(mb.prompt_mask.dtype)], dim=1)
+    loss_mask = torch.cat([torch.zeros_like(mb.prompt_mask, dtype=torch.float32), mb.completion_mask.float()], dim=1)
+    return SFTBatch(ids, attention, (attention.cumsum(-1) - 1).clamp(min=0), loss_mask)
 
 
 def apply_updates(policy: Policy, recipe: Recipe, batches: list[ScoredBatch], totals: list[dict], optimizer, scheduler,

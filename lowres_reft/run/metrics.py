@@ -163,7 +163,7 @@ class Progress:
 
 
 # How per-process values combine: sums (losses are already normalized by global counts), extremes, or means.
-_SUMMED = {"rollout_tokens", "rollout_tokens_per_s", "loss", "kl", "correct", "reward_timeouts"}
+_SUMMED = {"rollout_tokens", "rollout_tokens_per_s", "loss", "kl", "nested_kl", "correct", "reward_timeouts"}
 _MIN, _MAX = {"rho_min"}, {"rho_max", "peak_mem_mb", "step_seconds", "rollout_seconds"}
 _SAME = {"step", "stage", "grad_norm", "update_skipped", "skipped_updates", "lr", "skip_ratio"}
 

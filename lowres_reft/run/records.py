@@ -50,6 +50,7 @@ def step_record(step: int, batches: list[ScoredBatch], results: list[dict], grad
         "loss": mean("loss"),  # this process's share of the global-normalized loss; summed over processes
         "clip_frac": mean("clip_frac"),
         "kl": mean("kl"),
+        "nested_kl": mean("nested_kl"),
         "grad_norm": grad_norm,
         "update_skipped": not stepped,
         "skipped_updates": state["skipped_updates"],

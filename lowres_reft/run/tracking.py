@@ -39,7 +39,7 @@ GROUPED_NAMES: dict[str, dict[str, str]] = {
         "rollout_seconds": "rollout/seconds", "rollout_tokens_per_s": "rollout/tokens_per_s",
         "mean_completion_len": "rollout/completion_len", "truncated_frac": "rollout/truncated_frac",
         "reward_timeouts": "rollout/reward_timeouts",
-        "loss": "loss/loss", "kl": "loss/kl", "clip_frac": "loss/clip_frac",
+        "loss": "loss/loss", "kl": "loss/kl", "nested_kl": "loss/nested_kl", "clip_frac": "loss/clip_frac",
         "skip_ratio": "offpolicy/skip_ratio", "rho_mean": "offpolicy/rho_mean", "rho_min": "offpolicy/rho_min",
         "rho_max": "offpolicy/rho_max", "is_truncated_frac": "offpolicy/is_truncated_frac", "ess": "offpolicy/ess",
         "trace_mean": "offpolicy/trace_mean",

@@ -38,6 +38,8 @@ def test_trust_remote_code_defaults_false():
         ({"lora": {"r": 0}}, "[lora] r must be >= 1"),
         ({"lora": {"target_modules": "q_proj"}}, "must be a list of strings or one of 'all-linear'"),
         ({"loss": {"is_cap": 0}}, "is_cap must be > 0"),
+        ({"loss": {"nested_kl_beta": -1.0}}, "nested_kl_beta must be >= 0"),
+        ({"loss": {"nested_kl_beta": 0.1}, "behavior": {"sets_per_batch": 2}}, "nested_kl_beta needs [behavior] sets_per_batch = 1"),
         ({"loss": {"aggregation": "mean"}}, "aggregation must be one of"),
         ({"train": {"lr": True}}, "lr must be a number"),
         ({"behavior": {"schedule": "fixed"}}, "layers"),

@@ -124,3 +124,34 @@ def test_length_grouped_update_equals_the_row_order_update(tiny_policy):
     old = first + torch.where(batch.rollout.completion_mask != 0, torch.randn(first.shape, generator=gen) * 0.3, 0.0)
     _compare(policy, batch, cfg, micro=3, old_logp=old)
     _compare(policy, batch, LossConfig(correction="tis", aggregation="dr_grpo", updates_per_batch=2), micro=4, old_logp=old)
+
+
+def test_nested_kl_term_is_the_distillation_kl_of_each_micro_batch(tiny_policy):
+    """[loss] nested_kl_beta: the update's loss grows by beta x KL(full || nested with the batch's skip set) per
+    completion token, the warm-up's distillation KL on the rollout rows; its gradient reaches the adapters."""
+    import dataclasses
+
+    from lowres_reft.rl.warmup import build_sft_batch, skip_distill_kl
+
+    policy = tiny_policy(load_in_4bit=False)
+    vocab = policy.model.get_base_model().config.vocab_size
+    batch = mixed_batch(vocab)
+    batch = dataclasses.replace(batch, rollout=dataclasses.replace(batch.rollout, skip=(1,)))
+    cfg = LossConfig(correction="none")
+    base = rl_update.accumulate_gradients(policy, batch, cfg, 1.0, 4, 40, 1.0, None)
+    _grads(policy)
+    with_kl = rl_update.accumulate_gradients(policy, batch, dataclasses.replace(cfg, nested_kl_beta=0.5), 1.0, 4, 40,
+                                             1.0, None)
+    _grads(policy)
+    r = batch.rollout
+    rows = [(r.prompt_ids[i][r.prompt_mask[i].bool()].tolist(), r.completion_ids[i][r.completion_mask[i].bool()].tolist())
+            for i in range(len(r.prompt_ids))]
+    total = int(r.completion_mask.sum())
+    with torch.no_grad():  # the same KL, from the warm-up's own right-padded batch of the same rows
+        expected = float(skip_distill_kl(policy.model, build_sft_batch([p for p, _ in rows], [c for _, c in rows], 0),
+                                         [1])) / total
+    assert with_kl["nested_kl"] > 0 and abs(with_kl["nested_kl"] - expected) < 1e-4 * max(1.0, expected)
+    assert abs(with_kl["loss"] - (base["loss"] + 0.5 * with_kl["nested_kl"])) < 1e-4
+    nothing_skipped = dataclasses.replace(batch, rollout=dataclasses.replace(batch.rollout, skip=()))
+    assert rl_update.accumulate_gradients(policy, nothing_skipped, dataclasses.replace(cfg, nested_kl_beta=0.5), 1.0, 4,
+                                          40, 1.0, None)["nested_kl"] == 0.0
