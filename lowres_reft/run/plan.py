@@ -4,7 +4,8 @@ Phases (what is alive at the phase's peak):
 - rollout: sampling from the nested model (no gradients): the weights, the LoRA parameters and the optimizer's states
   (alive from the first step on), the merged 16-bit copy of the kept layers (`[rollout] weights = "merged16"`), the
   KV cache of one rollout micro-batch at prompt + max_new_tokens over the kept layers, and the larger of the prefill
-  temporaries (one layer's MLP activations over the prompt; a dequantized 4-bit weight) and the per-token sampling
+  temporaries (one layer's MLP activations over the prompt; a dequantized 4-bit weight; with unmerged adapters, the
+  float32 sum of an adapter's output and the 16-bit base output, peft's order of work) and the per-token sampling
   temporaries over the vocabulary (logits, float32 log-softmax, the float64 CDF of inverse-CDF sampling);
 - logprob: the update's forward + backward over one micro-batch of `[train] micro_batch_size` rows: the adapters'
   gradients, the activations the backward keeps (each layer's input with gradient checkpointing, every layer's
@@ -140,6 +141,7 @@ def plan_memory(shape: ModelShape, recipe: Recipe, prompt_tokens: int | None = N
     else:  # the adaptive schedule keeps the most layers at its smallest ratio
         kept = shape.layers - num_skipped(shape.layers, beh.min_ratio if beh.schedule == "adaptive" else beh.skip_ratio)
     kv_per_token = 2 * shape.kv_out * c
+    widest_target = max(shape.linears()[n][1] for n in lora_params(shape, recipe)[1])  # output width
 
     def generation(name: str, batch: int, new_tokens: int, layers: int, sampled: bool) -> Phase:
         phase = Phase(name, dict(weights))
@@ -150,6 +152,8 @@ def plan_memory(shape: ModelShape, recipe: Recipe, prompt_tokens: int | None = N
         phase.items[f"KV cache ({batch} x {prompt + new_tokens} tokens, {layers} layers)"] = \
             batch * (prompt + new_tokens) * layers * kv_per_token
         prefill = batch * prompt * (2 * shape.intermediate + 2 * shape.hidden) * c + (dequant if ro.weights != "merged16" else 0)
+        if ro.weights != "merged16" and c != 4:  # unmerged adapters: peft adds their float32 output to the 16-bit
+            prefill += batch * prompt * 8 * widest_target  # base output in float32 (two float32 tensors of its width)
         per_token = batch * shape.vocab * (c + (4 + 4 + 8 + 8 if sampled else 0))
         phase.items["prefill temporaries" if prefill >= per_token else "sampling temporaries (vocabulary)"] = max(prefill, per_token)
         return phase
