@@ -151,9 +151,10 @@ def plan_memory(shape: ModelShape, recipe: Recipe, prompt_tokens: int | None = N
             phase.items[f"merged 16-bit copy of {layers} layers"] = layers * (lin + bias) * c
         phase.items[f"KV cache ({batch} x {prompt + new_tokens} tokens, {layers} layers)"] = \
             batch * (prompt + new_tokens) * layers * kv_per_token
-        prefill = batch * prompt * (2 * shape.intermediate + 2 * shape.hidden) * c + (dequant if ro.weights != "merged16" else 0)
-        if ro.weights != "merged16" and c != 4:  # unmerged adapters: peft adds their float32 output to the 16-bit
-            prefill += batch * prompt * 8 * widest_target  # base output in float32 (two float32 tensors of its width)
+        prefill = batch * prompt * (2 * shape.intermediate + 2 * shape.hidden) * c
+        if ro.weights != "merged16":  # over the 4-bit weights: a dequantized weight, and with a 16-bit compute dtype
+            prefill += dequant  # peft adds the unmerged adapters' float32 output to the base output in float32
+            prefill += batch * prompt * 8 * widest_target if c != 4 else 0  # (two float32 tensors of its width)
         per_token = batch * shape.vocab * (c + (4 + 4 + 8 + 8 if sampled else 0))
         phase.items["prefill temporaries" if prefill >= per_token else "sampling temporaries (vocabulary)"] = max(prefill, per_token)
         return phase
